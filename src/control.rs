@@ -1,0 +1,338 @@
+//! The control socket: a unix socket, for root only, over which `warmpool exec`, `status` and
+//! the benchmark talk to the daemon.
+//!
+//! Each connection carries one request, a JSON object on one line, and the daemon answers with
+//! JSON lines: for `exec`, the job's progress as it happens (`queued`, `started`, `log`…,
+//! then `finished` or `failed`); for `status` and `stats`, one line. A client that hangs up
+//! cancels its job, which ends and reverts its slot.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::guest::Run;
+use crate::metrics::{Metrics, Snapshot};
+use crate::pool::{Pool, PoolStatus};
+use crate::slot::{Job, JobEvent};
+
+/// The longest request line: a command line for a job, with room to spare.
+pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+/// Events buffered per job before the slot waits for the client to read.
+const JOB_EVENTS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Run `argv` in a fresh slot of `pool` (or of the first pool).
+    Exec { pool: Option<String>, argv: Vec<String> },
+    Status,
+    Stats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Queued { job: String, pool: String },
+    Started { slot: String },
+    Log { line: String },
+    Finished { exit_code: i32 },
+    Failed { reason: String },
+    Status { pools: Vec<PoolStatus> },
+    Stats { stats: Snapshot },
+    Error { message: String },
+}
+
+impl From<JobEvent> for Response {
+    fn from(event: JobEvent) -> Response {
+        match event {
+            JobEvent::Started { slot } => Response::Started { slot },
+            JobEvent::Log { line } => Response::Log { line },
+            JobEvent::Finished { exit_code } => Response::Finished { exit_code },
+            JobEvent::Failed { reason } => Response::Failed { reason },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("Cannot listen on {path}: {source}")]
+    Listen { path: String, source: std::io::Error },
+    #[error("Cannot reach the daemon at {path}: {source}")]
+    Connect { path: String, source: std::io::Error },
+    #[error("The daemon connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("The daemon sent an invalid line: {0}")]
+    Invalid(String),
+    #[error("The daemon closed the connection early")]
+    Closed,
+}
+
+/// What the control socket serves.
+pub struct Control {
+    pools: Vec<Pool>,
+    metrics: Arc<Metrics>,
+    next_job: AtomicU64,
+}
+
+impl Control {
+    pub fn new(pools: Vec<Pool>, metrics: Arc<Metrics>) -> Arc<Control> {
+        Arc::new(Control { pools, metrics, next_job: AtomicU64::new(1) })
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Gives the pools back for shutdown once no connection holds the control.
+    pub fn into_pools(self) -> Vec<Pool> {
+        self.pools
+    }
+
+    /// Submits a local job and returns its id, pool and events.
+    pub fn submit(
+        &self,
+        pool: Option<&str>,
+        argv: &[String],
+    ) -> Result<(String, String, mpsc::Receiver<JobEvent>), String> {
+        if argv.is_empty() {
+            return Err("`argv` is empty: give a command to run".into());
+        }
+        let pool = match pool {
+            Some(name) => self.pools.iter().find(|p| p.name() == name).ok_or_else(|| {
+                let names: Vec<&str> = self.pools.iter().map(Pool::name).collect();
+                format!("no pool `{name}`; pools: {}", names.join(", "))
+            })?,
+            None => self.pools.first().ok_or("the daemon has no pools")?,
+        };
+        let sequence = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let id = format!("local-{}-{sequence}", uuid::Uuid::new_v4().simple());
+        let (events, events_rx) = mpsc::channel(JOB_EVENTS);
+        pool.submit(Job::new(id.clone(), Run::script(&shell_command(argv)), events));
+        Ok((id, pool.name().to_owned(), events_rx))
+    }
+
+    async fn status(&self) -> Vec<PoolStatus> {
+        let mut pools = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            if let Some(status) = pool.status().await {
+                pools.push(status);
+            }
+        }
+        pools
+    }
+}
+
+/// Quotes each argument for a POSIX shell and joins them into one command line.
+pub fn shell_command(argv: &[String]) -> String {
+    argv.iter().map(|arg| format!("'{}'", arg.replace('\'', "'\\''"))).collect::<Vec<_>>().join(" ")
+}
+
+/// Binds the control socket with mode 0600 in a directory only root can enter.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let error = |source| ControlError::Listen { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    if socket_in_use(path) {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another daemon is serving this socket",
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    // The umask makes the socket private from its first moment, not after a chmod.
+    // SAFETY: umask only changes this process's file creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(error)?;
+    Ok(listener)
+}
+
+/// Whether a live process answers on `path`; a stale socket file from a crash does not.
+fn socket_in_use(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// Serves connections until the listener is dropped with the task.
+pub async fn serve(listener: UnixListener, control: Arc<Control>) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "Accepting a control connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == euid || cred.uid() == 0 => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), "Refused a control connection from another user");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "Refused a control connection without credentials");
+                continue;
+            }
+        }
+        tokio::spawn(handle(stream, control.clone()));
+    }
+}
+
+async fn handle(stream: UnixStream, control: Arc<Control>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let mut line = String::new();
+    let request = match reader.read_line(&mut line).await {
+        Ok(_) if !line.ends_with('\n') => Err(format!("requests are one line of at most {MAX_REQUEST_BYTES} bytes")),
+        Ok(_) => serde_json::from_str::<Request>(&line).map_err(|e| format!("invalid request: {e}")),
+        Err(e) => Err(format!("cannot read the request: {e}")),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => {
+            debug!(error = %message, "Refused a control request");
+            let _ = send(&mut write, &Response::Error { message }).await;
+            return;
+        }
+    };
+    match request {
+        Request::Status => {
+            let _ = send(&mut write, &Response::Status { pools: control.status().await }).await;
+        }
+        Request::Stats => {
+            let _ = send(&mut write, &Response::Stats { stats: control.metrics.snapshot() }).await;
+        }
+        Request::Exec { pool, argv } => {
+            let (job, pool, mut events) = match control.submit(pool.as_deref(), &argv) {
+                Ok(submitted) => submitted,
+                Err(message) => {
+                    let _ = send(&mut write, &Response::Error { message }).await;
+                    return;
+                }
+            };
+            info!(job = %job, pool = %pool, "Local job queued");
+            if send(&mut write, &Response::Queued { job, pool }).await.is_err() {
+                return;
+            }
+            // Dropping `events` when the client hangs up cancels the job.
+            let mut hangup = reader.into_inner().into_inner();
+            let mut byte = [0u8; 1];
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        let Some(event) = event else { break };
+                        if send(&mut write, &event.into()).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = hangup.read(&mut byte) => break,
+                }
+            }
+        }
+    }
+}
+
+async fn send(write: &mut (impl AsyncWriteExt + Unpin), response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await
+}
+
+/// The client side: one request, and a reader of the answers.
+pub struct Client {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    _write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn request(path: &Path, request: &Request) -> Result<Client, ControlError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ControlError::Connect { path: path.display().to_string(), source })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        write.write_all(&line).await?;
+        Ok(Client { lines: BufReader::new(read).lines(), _write: write })
+    }
+
+    /// The next answer, or `None` when the daemon has said all.
+    pub async fn next(&mut self) -> Result<Option<Response>, ControlError> {
+        match self.lines.next_line().await? {
+            Some(line) => serde_json::from_str(&line).map(Some).map_err(|e| ControlError::Invalid(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends one request and returns its single answer.
+    pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
+        Client::request(path, request).await?.next().await?.ok_or(ControlError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_command_quotes_every_argument() {
+        let argv: Vec<String> = ["sh", "-c", "echo 'hi' $HOME; exit 3"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(shell_command(&argv), r#"'sh' '-c' 'echo '\''hi'\'' $HOME; exit 3'"#);
+    }
+
+    #[test]
+    fn requests_parse_strictly() {
+        let exec: Request = serde_json::from_str(r#"{"type":"exec","pool":null,"argv":["true"]}"#).unwrap();
+        assert_eq!(exec, Request::Exec { pool: None, argv: vec!["true".into()] });
+        assert!(serde_json::from_str::<Request>(r#"{"type":"exec","argv":["x"],"extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"reboot"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_requests_get_an_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = bind(&path).unwrap();
+        let control = Control::new(Vec::new(), Arc::new(Metrics::default()));
+        let server = tokio::spawn(serve(listener, control));
+
+        for request in [b"{nonsense\n".to_vec(), vec![b'x'; MAX_REQUEST_BYTES as usize + 10]] {
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            let _ = stream.write_all(&request).await;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer).await.unwrap();
+            let response: Response = serde_json::from_str(&answer).unwrap();
+            assert!(matches!(response, Response::Error { .. }), "{answer}");
+        }
+
+        let response = Client::call(&path, &Request::Exec { pool: None, argv: vec!["true".into()] })
+            .await
+            .unwrap();
+        assert_eq!(response, Response::Error { message: "the daemon has no pools".into() });
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_private_and_not_stolen_from_a_live_daemon() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let _listener = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ControlError::Listen { .. })));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

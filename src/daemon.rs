@@ -1,0 +1,118 @@
+//! `warmpool serve`: checks the host, clears what an earlier daemon left, starts the pools and
+//! serves the control socket until told to stop.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::control::{self, Control, ControlError};
+use crate::disk;
+use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("Pool `{pool}` has no image at {path}{hint}")]
+    MissingImage { pool: String, path: PathBuf, hint: &'static str },
+    #[error("Pool `{pool}` names {what} {path}, which does not exist")]
+    MissingFile { pool: String, what: String, path: PathBuf },
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+}
+
+/// Runs the daemon until `stop` completes, then shuts every slot down.
+pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    check_files(&config)?;
+    let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&config.libvirt_uri).await?);
+    let metrics = Arc::new(Metrics::default());
+    let control = start(&config, hypervisor, metrics).await?;
+    let listener = control::bind(&config.control_socket)?;
+    info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
+
+    let server = tokio::spawn(control::serve(listener, control.clone()));
+    stop.await;
+    info!("Daemon stopping");
+    server.abort();
+    let _ = server.await;
+    let _ = std::fs::remove_file(&config.control_socket);
+    shutdown(control).await;
+    info!("Daemon stopped");
+    Ok(())
+}
+
+/// Clears leftovers of earlier runs and starts every pool.
+pub async fn start(
+    config: &Config,
+    hypervisor: Arc<dyn Hypervisor>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Control>, DaemonError> {
+    disk::create_private_dir(&config.state_dir).await?;
+    let mut pools = Vec::with_capacity(config.pools.len());
+    for pool in &config.pools {
+        clear_leftovers(&*hypervisor, config, &pool.name).await?;
+        pools.push(Pool::start(pool, &config.state_dir, hypervisor.clone(), metrics.clone()));
+    }
+    Ok(Control::new(pools, metrics))
+}
+
+/// Shuts every pool down once no connection holds the control any more.
+pub async fn shutdown(mut control: Arc<Control>) {
+    let control = loop {
+        match Arc::try_unwrap(control) {
+            Ok(control) => break control,
+            Err(shared) => {
+                control = shared;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for pool in control.into_pools() {
+        pool.shutdown().await;
+    }
+}
+
+/// A daemon that was killed leaves domains and files behind; they carry this pool's mark and
+/// live in its directory, and nothing else is touched.
+async fn clear_leftovers(hypervisor: &dyn Hypervisor, config: &Config, pool: &str) -> Result<(), DaemonError> {
+    for domain in hypervisor.list_marked(pool).await? {
+        warn!(pool, domain = %domain, "Destroying a domain left by an earlier run");
+        hypervisor.destroy(&domain).await?;
+    }
+    let dir = config.state_dir.join("pools").join(pool);
+    if dir.exists() {
+        warn!(pool, dir = %dir.display(), "Removing slot files left by an earlier run");
+        disk::remove_tree(&dir).await?;
+    }
+    Ok(())
+}
+
+fn check_files(config: &Config) -> Result<(), DaemonError> {
+    for pool in &config.pools {
+        if !pool.image.exists() {
+            let hint = if pool.image.starts_with(crate::config::DEFAULT_IMAGES_DIR) {
+                ": build it with scripts/build-reference-guest"
+            } else {
+                ""
+            };
+            return Err(DaemonError::MissingImage { pool: pool.name.clone(), path: pool.image.clone(), hint });
+        }
+        let files = pool.template_vars.iter().filter(|(name, _)| matches!(name.as_str(), "kernel" | "initrd"));
+        let files = files.map(|(name, value)| (name.clone(), PathBuf::from(value)));
+        let nvram = pool.nvram_template.iter().map(|path| ("nvram_template".to_owned(), path.clone()));
+        for (what, path) in files.chain(nvram) {
+            if !path.exists() {
+                return Err(DaemonError::MissingFile { pool: pool.name.clone(), what, path });
+            }
+        }
+    }
+    Ok(())
+}

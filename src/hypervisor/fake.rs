@@ -1,0 +1,285 @@
+//! An in-memory hypervisor with scripted guests, for unit tests of slots and pools.
+//!
+//! Each fake domain is a tokio task listening on the job port path named in its XML and speaking
+//! the guest side of the job-port protocol. The XML it understands is the shape of
+//! [`FAKE_TEMPLATE`]. A job's script chooses the guest's behaviour: `fake:hang`,
+//! `fake:poweroff`, `fake:flood`, `fake:garbage` and `fake:finish-early` misbehave in the named
+//! way; any other script is answered with one log line per line of the script and a `finished`
+//! whose exit code is the number after `exit ` in the script, or 0.
+//!
+//! Failures of the hypervisor itself are injected with [`FakeHypervisor::fail`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{DomainState, Hypervisor, HypervisorError};
+use crate::guest::{JobMessage, Run};
+
+/// A domain template in the shape the fake understands.
+pub const FAKE_TEMPLATE: &str = "<domain><name>{{name}}</name><disk>{{disk}}</disk>\
+    <port>{{job_port}}</port><console>{{console_log}}</console></domain>";
+
+/// How a fake guest behaves when it boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// Says `ready`, then waits for a job.
+    Ready,
+    /// Never says anything.
+    Silent,
+}
+
+#[derive(Default)]
+struct State {
+    domains: HashMap<String, FakeDomain>,
+    saved: HashMap<PathBuf, String>,
+    failures: HashMap<&'static str, u32>,
+    log: Vec<String>,
+}
+
+struct FakeDomain {
+    xml: String,
+    running: watch::Sender<bool>,
+    guest: JoinHandle<()>,
+}
+
+impl Drop for FakeDomain {
+    fn drop(&mut self) {
+        self.guest.abort();
+    }
+}
+
+#[derive(Clone)]
+pub struct FakeHypervisor {
+    state: Arc<Mutex<State>>,
+    boot: Arc<Mutex<Boot>>,
+}
+
+impl Default for FakeHypervisor {
+    fn default() -> Self {
+        FakeHypervisor { state: Arc::default(), boot: Arc::new(Mutex::new(Boot::Ready)) }
+    }
+}
+
+impl FakeHypervisor {
+    pub fn new() -> FakeHypervisor {
+        FakeHypervisor::default()
+    }
+
+    /// Sets how guests started from now on boot.
+    pub fn set_boot(&self, boot: Boot) {
+        *self.boot.lock().unwrap() = boot;
+    }
+
+    /// Makes the next `times` calls of `operation` ("start", "save", "restore", "resume",
+    /// "destroy") fail.
+    pub fn fail(&self, operation: &'static str, times: u32) {
+        self.state.lock().unwrap().failures.insert(operation, times);
+    }
+
+    /// Ends a domain's process as a `kill -9` of QEMU would.
+    pub fn kill(&self, name: &str) {
+        self.state.lock().unwrap().domains.remove(name);
+    }
+
+    /// Names of the domains that exist now.
+    pub fn domains(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.state.lock().unwrap().domains.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Every operation so far, as `operation domain`.
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    fn enter(&self, operation: &'static str, domain: &str) -> Result<(), HypervisorError> {
+        let mut state = self.state.lock().unwrap();
+        state.log.push(format!("{operation} {domain}"));
+        if let Some(left) = state.failures.get_mut(operation) {
+            if *left > 0 {
+                *left -= 1;
+                return Err(HypervisorError::operation(operation, domain, "injected failure"));
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(&self, xml: &str, boot: Option<Boot>) -> Result<(), HypervisorError> {
+        let name = element(xml, "name")?;
+        let port = PathBuf::from(element(xml, "port")?);
+        let mut state = self.state.lock().unwrap();
+        if state.domains.contains_key(&name) {
+            return Err(HypervisorError::operation("Start", &name, "domain already exists"));
+        }
+        let _ = std::fs::remove_file(&port);
+        let listener = UnixListener::bind(&port)
+            .map_err(|e| HypervisorError::operation("Start", &name, e))?;
+        let (running, running_rx) = watch::channel(boot.is_some());
+        let guest = tokio::spawn(run_guest(self.state.clone(), name.clone(), listener, boot, running_rx));
+        state.domains.insert(name, FakeDomain { xml: xml.to_owned(), running, guest });
+        Ok(())
+    }
+}
+
+fn element(xml: &str, tag: &str) -> Result<String, HypervisorError> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = xml.find(&open).map(|i| i + open.len());
+    let end = xml.find(&close);
+    match (start, end) {
+        (Some(start), Some(end)) if start <= end => Ok(xml[start..end].to_owned()),
+        _ => Err(HypervisorError::operation("Parse", "fake domain", format!("no <{tag}>"))),
+    }
+}
+
+/// The guest: `boot` is `Some` for a cold boot and `None` for a restore, after which the guest
+/// waits for a job as it did when it was saved.
+async fn run_guest(
+    state: Arc<Mutex<State>>,
+    name: String,
+    listener: UnixListener,
+    boot: Option<Boot>,
+    mut running: watch::Receiver<bool>,
+) {
+    let Ok((stream, _)) = listener.accept().await else { return };
+    let (read, mut write) = stream.into_split();
+    if boot == Some(Boot::Silent) {
+        std::future::pending::<()>().await;
+    }
+    if boot == Some(Boot::Ready) && write.write_all(b"{\"v\":1,\"type\":\"ready\"}\n").await.is_err() {
+        return;
+    }
+    let mut lines = BufReader::new(read).lines();
+    let Ok(Some(line)) = lines.next_line().await else { return };
+    // A paused guest reads nothing until it is resumed.
+    if running.wait_for(|running| *running).await.is_err() {
+        return;
+    }
+    let Ok(job) = serde_json::from_str::<JobMessage>(&line) else { return };
+    let Run::Command { script_b64 } = &job.run;
+    let script = base64::engine::general_purpose::STANDARD.decode(script_b64).unwrap_or_default();
+    let script = String::from_utf8_lossy(&script).into_owned();
+    if run_job(&mut write, &job.job, &script).await.is_ok() {
+        // The reference guest powers off after `finished`; its domain then disappears.
+        state.lock().unwrap().domains.remove(&name);
+    }
+}
+
+async fn run_job(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    job: &str,
+    script: &str,
+) -> std::io::Result<()> {
+    let send = |message: serde_json::Value| format!("{message}\n").into_bytes();
+    match script.trim() {
+        "fake:hang" => {
+            write.write_all(&send(serde_json::json!({"v":1,"type":"started","job":job}))).await?;
+            std::future::pending::<()>().await;
+        }
+        "fake:poweroff" => return Ok(()),
+        "fake:flood" => {
+            let line = vec![b'x'; 70 * 1024];
+            write.write_all(&line).await?;
+            std::future::pending::<()>().await;
+        }
+        "fake:garbage" => {
+            write.write_all(b"{not json\n").await?;
+            std::future::pending::<()>().await;
+        }
+        "fake:finish-early" => {
+            let finished = serde_json::json!({"v":1,"type":"finished","job":job,"exit_code":0});
+            write.write_all(&send(finished)).await?;
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
+    write.write_all(&send(serde_json::json!({"v":1,"type":"started","job":job}))).await?;
+    let mut exit_code = 0;
+    for line in script.lines() {
+        write.write_all(&send(serde_json::json!({"v":1,"type":"log","job":job,"line":line}))).await?;
+        if let Some(code) = line.trim().strip_prefix("exit ") {
+            exit_code = code.trim().parse().unwrap_or(1);
+        }
+    }
+    let finished = serde_json::json!({"v":1,"type":"finished","job":job,"exit_code":exit_code});
+    write.write_all(&send(finished)).await
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    async fn start(&self, xml: &str) -> Result<(), HypervisorError> {
+        let name = element(xml, "name")?;
+        self.enter("start", &name)?;
+        let boot = *self.boot.lock().unwrap();
+        self.launch(xml, Some(boot))
+    }
+
+    async fn save(&self, name: &str, path: &Path) -> Result<(), HypervisorError> {
+        self.enter("save", name)?;
+        let mut state = self.state.lock().unwrap();
+        let domain = state
+            .domains
+            .remove(name)
+            .ok_or_else(|| HypervisorError::NoDomain { domain: name.to_owned() })?;
+        std::fs::write(path, b"fake memory image")
+            .map_err(|e| HypervisorError::operation("Save", name, e))?;
+        state.saved.insert(path.to_owned(), domain.xml.clone());
+        Ok(())
+    }
+
+    async fn saved_xml(&self, path: &Path) -> Result<String, HypervisorError> {
+        let state = self.state.lock().unwrap();
+        state.saved.get(path).cloned().ok_or_else(|| {
+            HypervisorError::operation("Read saved XML", &path.display().to_string(), "no image")
+        })
+    }
+
+    async fn restore_paused(&self, path: &Path, xml: &str) -> Result<(), HypervisorError> {
+        let name = element(xml, "name")?;
+        self.enter("restore", &name)?;
+        if !self.state.lock().unwrap().saved.contains_key(path) || !path.exists() {
+            return Err(HypervisorError::operation("Restore", &name, "no memory image"));
+        }
+        self.launch(xml, None)
+    }
+
+    async fn resume(&self, name: &str) -> Result<(), HypervisorError> {
+        self.enter("resume", name)?;
+        let state = self.state.lock().unwrap();
+        let domain = state
+            .domains
+            .get(name)
+            .ok_or_else(|| HypervisorError::NoDomain { domain: name.to_owned() })?;
+        domain.running.send_replace(true);
+        Ok(())
+    }
+
+    async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+        self.enter("destroy", name)?;
+        self.state.lock().unwrap().domains.remove(name);
+        Ok(())
+    }
+
+    async fn state(&self, name: &str) -> Result<DomainState, HypervisorError> {
+        let state = self.state.lock().unwrap();
+        Ok(match state.domains.get(name) {
+            Some(domain) if *domain.running.borrow() => DomainState::Running,
+            Some(_) => DomainState::Paused,
+            None => DomainState::Gone,
+        })
+    }
+
+    async fn list_marked(&self, pool: &str) -> Result<Vec<String>, HypervisorError> {
+        let prefix = format!("warmpool-{pool}-");
+        Ok(self.domains().into_iter().filter(|name| name.starts_with(&prefix)).collect())
+    }
+}

@@ -1,0 +1,20 @@
+//! warmpool keeps warm pools of clean, single-use guests for CI jobs on libvirt and QEMU.
+//!
+//! A pool's slots are booted once, snapshotted while idle, handed one job each, and restored
+//! from their clean snapshot after every job. The modules follow the words of the design:
+//! [`config`] reads the host configuration, [`hypervisor`] is the VM backend boundary,
+//! [`disk`] handles overlays, [`guest`] speaks the job-port protocol, [`slot`] is the slot state
+//! machine, [`pool`] hands jobs to slots, [`control`] serves local jobs over a unix socket, and
+//! [`daemon`] ties them together for `warmpool serve`.
+
+pub mod bench;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod disk;
+pub mod guest;
+pub mod hypervisor;
+pub mod metrics;
+pub mod pool;
+pub mod slot;
+pub mod template;

@@ -1,0 +1,342 @@
+//! A pool: identical slots of one image and machine shape, and the task that hands them jobs.
+//!
+//! Concurrency: the pool task is the only one that decides which slot does what. It keeps the
+//! queue of waiting jobs and the last state each slot reported, and after every event it
+//! assigns queued jobs to `Ready` slots and restores `Saved` slots until the slots in memory
+//! match the pool's `ready` count plus the jobs waiting. Slots carry the decisions out in their
+//! own tasks ([`crate::slot`]), so a slow restore never holds up the pool.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::{Acceleration, Arch, PoolConfig};
+use crate::hypervisor::Hypervisor;
+use crate::metrics::Metrics;
+use crate::slot::{domain_name, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState};
+
+/// Commands a slot may have queued: one decision and a shutdown, with room to spare.
+const SLOT_QUEUE: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub labels: Vec<String>,
+    /// Jobs waiting for a slot.
+    pub queued: usize,
+    pub slots: Vec<SlotStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub state: SlotState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PoolStatus {
+    pub fn count(&self, state: SlotState) -> usize {
+        self.slots.iter().filter(|slot| slot.state == state).count()
+    }
+}
+
+enum Request {
+    Submit(Job),
+    Status(oneshot::Sender<PoolStatus>),
+}
+
+/// The handle of a running pool.
+pub struct Pool {
+    name: String,
+    labels: Vec<String>,
+    ready_target: usize,
+    requests: mpsc::UnboundedSender<Request>,
+    stopping: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Pool {
+    /// Starts the pool's slots, which begin building their clean snapshots at once.
+    pub fn start(
+        config: &PoolConfig,
+        state_dir: &Path,
+        hypervisor: Arc<dyn Hypervisor>,
+        metrics: Arc<Metrics>,
+    ) -> Pool {
+        let spec = Arc::new(slot_spec(config, state_dir));
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let (stopping, stopping_rx) = watch::channel(false);
+        let slots = (0..config.slots as usize)
+            .map(|index| {
+                let (commands, commands_rx) = mpsc::channel(SLOT_QUEUE);
+                let slot = Slot::new(
+                    index,
+                    spec.clone(),
+                    hypervisor.clone(),
+                    metrics.clone(),
+                    reports_tx.clone(),
+                    stopping_rx.clone(),
+                );
+                let task = tokio::spawn(slot.run(commands_rx));
+                SlotHandle { name: domain_name(&config.name, index), state: SlotState::Empty, error: None, commands, task }
+            })
+            .collect();
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let dispatcher = Dispatcher {
+            name: config.name.clone(),
+            labels: config.labels.clone(),
+            ready_target: config.ready as usize,
+            slots,
+            queue: VecDeque::new(),
+        };
+        info!(pool = %config.name, slots = config.slots, ready = config.ready, "Pool started");
+        let task = tokio::spawn(dispatcher.run(requests_rx, reports));
+        Pool {
+            name: config.name.clone(),
+            labels: config.labels.clone(),
+            ready_target: config.ready as usize,
+            requests,
+            stopping,
+            task,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Queues a job; its events channel tells how it goes.
+    pub fn submit(&self, job: Job) {
+        if let Err(mpsc::error::SendError(Request::Submit(job))) = self.requests.send(Request::Submit(job)) {
+            job.fail("the pool is shutting down");
+        }
+    }
+
+    pub async fn status(&self) -> Option<PoolStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(Request::Status(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// Waits until every slot has left its build, and as many slots as the pool keeps ready
+    /// (or all that are not quarantined) wait in memory.
+    pub async fn built(&self) -> PoolStatus {
+        loop {
+            if let Some(status) = self.status().await {
+                let settled = status.slots.iter().all(|slot| {
+                    matches!(slot.state, SlotState::Ready | SlotState::Saved | SlotState::Quarantined)
+                });
+                let usable = status.slots.len() - status.count(SlotState::Quarantined);
+                if settled && status.count(SlotState::Ready) >= self.ready_target.min(usable) {
+                    return status;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fails queued jobs, ends running ones, shuts every slot down (destroying domains and
+    /// removing files) and waits for them.
+    pub async fn shutdown(self) {
+        self.stopping.send_replace(true);
+        drop(self.requests);
+        let _ = self.task.await;
+        info!(pool = %self.name, "Pool stopped");
+    }
+}
+
+/// The per-pool values of a slot's template and paths.
+pub(crate) fn slot_spec(config: &PoolConfig, state_dir: &Path) -> SlotSpec {
+    let accel = resolve_acceleration(config.acceleration, config.arch);
+    let mut values: BTreeMap<String, String> = config.template_vars.clone();
+    values.insert("vcpus".into(), config.vcpus.to_string());
+    values.insert("memory_mib".into(), config.memory_mib.to_string());
+    values.insert("domain_type".into(), if accel == Acceleration::Kvm { "kvm" } else { "qemu" }.into());
+    values.insert("cpu".into(), cpu_element(accel).into());
+    SlotSpec {
+        pool: config.name.clone(),
+        image: config.image.clone(),
+        template: config.template.clone(),
+        values,
+        nvram_template: config.nvram_template.clone(),
+        boot_timeout: Duration::from_secs(config.boot_timeout_secs),
+        max_job: Duration::from_secs(config.max_job_secs),
+        tpm: config.template.has_tpm(),
+        dir: state_dir.join("pools").join(&config.name),
+        first_backoff: crate::slot::FIRST_BACKOFF,
+    }
+}
+
+/// KVM runs only guests of the host's own architecture, and only where the processor offers
+/// virtualisation to this (possibly nested) host: `/dev/kvm` alone is not proof, since a host
+/// can expose the device without the extensions.
+pub fn resolve_acceleration(acceleration: Acceleration, arch: Arch) -> Acceleration {
+    match acceleration {
+        Acceleration::Auto if arch == Arch::host() && kvm_usable() => Acceleration::Kvm,
+        Acceleration::Auto => Acceleration::Tcg,
+        chosen => chosen,
+    }
+}
+
+fn kvm_usable() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    if Arch::host() != Arch::X86_64 {
+        return true;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .any(|line| line.split_whitespace().any(|flag| flag == "vmx" || flag == "svm"))
+}
+
+fn cpu_element(accel: Acceleration) -> &'static str {
+    match accel {
+        Acceleration::Kvm => "<cpu mode='host-passthrough' check='none'/>",
+        // TCG emulates the most capable CPU QEMU knows for the guest's architecture.
+        _ => "<cpu mode='maximum' check='none'/>",
+    }
+}
+
+struct SlotHandle {
+    name: String,
+    state: SlotState,
+    error: Option<String>,
+    commands: mpsc::Sender<SlotCommand>,
+    task: JoinHandle<()>,
+}
+
+struct Dispatcher {
+    name: String,
+    labels: Vec<String>,
+    ready_target: usize,
+    slots: Vec<SlotHandle>,
+    queue: VecDeque<Job>,
+}
+
+impl Dispatcher {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut reports: mpsc::UnboundedReceiver<SlotReport>,
+    ) {
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    Some(Request::Submit(job)) => self.queue.push_back(job),
+                    Some(Request::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    None => break,
+                },
+                Some(report) = reports.recv() => self.apply(report),
+            }
+            self.dispatch();
+        }
+        self.shutdown(reports).await;
+    }
+
+    fn apply(&mut self, report: SlotReport) {
+        match report {
+            SlotReport::State { index, state, error } => {
+                let slot = &mut self.slots[index];
+                slot.state = state;
+                slot.error = error;
+            }
+            SlotReport::Returned { index, job } => {
+                // The slot was not ready after all; its next report says what it is.
+                if self.slots[index].state == SlotState::Running {
+                    self.slots[index].state = SlotState::Reverting;
+                }
+                self.queue.push_front(job);
+            }
+        }
+    }
+
+    /// Assigns queued jobs to ready slots, then restores saved slots so that the slots in
+    /// memory cover the ready count and the jobs still waiting.
+    fn dispatch(&mut self) {
+        self.queue.retain(|job| !job.events.is_closed());
+        while let Some(index) = self.find(SlotState::Ready) {
+            let Some(job) = self.queue.pop_front() else { break };
+            match self.slots[index].commands.try_send(SlotCommand::Assign(job)) {
+                Ok(()) => self.slots[index].state = SlotState::Running,
+                Err(e) => {
+                    let SlotCommand::Assign(job) = e.into_inner() else { unreachable!() };
+                    self.queue.push_front(job);
+                    break;
+                }
+            }
+        }
+
+        let in_memory = self.count(SlotState::Ready) + self.count(SlotState::Restoring);
+        let wanted = self.ready_target + self.queue.len();
+        for _ in in_memory..wanted {
+            let Some(index) = self.find(SlotState::Saved) else { break };
+            if self.slots[index].commands.try_send(SlotCommand::Restore).is_err() {
+                break;
+            }
+            self.slots[index].state = SlotState::Restoring;
+        }
+    }
+
+    fn find(&self, state: SlotState) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.state == state)
+    }
+
+    fn count(&self, state: SlotState) -> usize {
+        self.slots.iter().filter(|slot| slot.state == state).count()
+    }
+
+    fn status(&self) -> PoolStatus {
+        PoolStatus {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            queued: self.queue.len(),
+            slots: self
+                .slots
+                .iter()
+                .map(|slot| SlotStatus { name: slot.name.clone(), state: slot.state, error: slot.error.clone() })
+                .collect(),
+        }
+    }
+
+    async fn shutdown(mut self, mut reports: mpsc::UnboundedReceiver<SlotReport>) {
+        for job in self.queue.drain(..) {
+            job.fail("the daemon is shutting down");
+        }
+        for slot in &self.slots {
+            // A slot busy with a job ends it (it sees `stopping`), reverts, then reads this.
+            let _ = slot.commands.send(SlotCommand::Shutdown).await;
+        }
+        for slot in self.slots {
+            let mut task = slot.task;
+            loop {
+                tokio::select! {
+                    _ = &mut task => break,
+                    Some(report) = reports.recv() => {
+                        if let SlotReport::Returned { job, .. } = report {
+                            job.fail(JobFailure::NotReady);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

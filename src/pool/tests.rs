@@ -1,0 +1,154 @@
+//! Pool tests against the fake hypervisor.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::config::Acceleration;
+use crate::guest::Run;
+use crate::hypervisor::fake::{FakeHypervisor, FAKE_TEMPLATE};
+use crate::slot::JobEvent;
+use crate::template::Template;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(dir: &Path, slots: u32, ready: u32) -> PoolConfig {
+    let image = dir.join("image.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    PoolConfig {
+        name: "test".into(),
+        image,
+        arch: Arch::host(),
+        vcpus: 1,
+        memory_mib: 128,
+        slots,
+        ready,
+        labels: vec!["linux".into()],
+        acceleration: Acceleration::Tcg,
+        template: Template::parse("fake", FAKE_TEMPLATE).unwrap(),
+        max_job_secs: 30,
+        boot_timeout_secs: 5,
+        nvram_template: None,
+        template_vars: BTreeMap::new(),
+    }
+}
+
+fn start(fake: &FakeHypervisor, dir: &Path, slots: u32, ready: u32) -> Pool {
+    let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
+    Pool::start(&config(dir, slots, ready), dir, hypervisor, Arc::new(Metrics::default()))
+}
+
+fn submit(pool: &Pool, script: &str) -> mpsc::Receiver<crate::slot::JobEvent> {
+    let (events, events_rx) = mpsc::channel(64);
+    pool.submit(Job::new(format!("job-{}", uuid::Uuid::new_v4()), Run::script(script), events));
+    events_rx
+}
+
+async fn last_event(mut events: mpsc::Receiver<JobEvent>) -> JobEvent {
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(WAIT, events.recv()).await.expect("job events in time") {
+        last = Some(event);
+    }
+    last.expect("at least one event")
+}
+
+async fn wait_for(pool: &Pool, done: impl Fn(&PoolStatus) -> bool) {
+    let waited = tokio::time::timeout(WAIT, async {
+        loop {
+            let status = pool.status().await.unwrap();
+            if done(&status) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    if waited.await.is_err() {
+        panic!("the pool never got there: {:?}", pool.status().await);
+    }
+}
+
+#[tokio::test]
+async fn more_jobs_than_slots_all_run_one_slot_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 2, 2);
+    let jobs: Vec<_> = (0..6).map(|i| submit(&pool, &format!("exit {i}"))).collect();
+    for (i, events) in jobs.into_iter().enumerate() {
+        assert_eq!(last_event(events).await, JobEvent::Finished { exit_code: i as i32 });
+    }
+    let starts = fake.calls().iter().filter(|call| call.starts_with("start ")).count();
+    assert_eq!(starts, 2, "each slot booted once; every other job ran on a restored snapshot");
+    pool.shutdown().await;
+    assert!(fake.domains().is_empty());
+    assert!(!dir.path().join("pools/test/0").exists());
+}
+
+#[tokio::test]
+async fn slots_beyond_the_ready_count_wait_on_disk_until_demand_rises() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 3, 1);
+    let status = tokio::time::timeout(WAIT, pool.built()).await.unwrap();
+    assert_eq!((status.count(SlotState::Ready), status.count(SlotState::Saved)), (1, 2), "{status:?}");
+    assert_eq!(fake.domains().len(), 1, "only the ready slot has a domain");
+
+    // Two jobs at once: one takes the ready slot, the other makes the pool restore a saved one,
+    // and the pool keeps one more ready for what comes next.
+    let (a, b) = (submit(&pool, "fake:hang"), submit(&pool, "fake:hang"));
+    let started = |mut events: mpsc::Receiver<JobEvent>| async move {
+        let first = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
+        assert!(matches!(first, Some(JobEvent::Started { .. })), "{first:?}");
+        events
+    };
+    let (a, b) = (started(a).await, started(b).await);
+    wait_for(&pool, |status| status.count(SlotState::Running) == 2 && status.count(SlotState::Ready) == 1).await;
+    drop((a, b));
+    pool.shutdown().await;
+    assert!(fake.domains().is_empty());
+}
+
+#[tokio::test]
+async fn jobs_of_a_client_that_left_the_queue_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 1, 1);
+    let running = submit(&pool, "fake:hang");
+    let abandoned = submit(&pool, "exit 9");
+    drop(abandoned);
+    let last = submit(&pool, "exit 4");
+    let mut running = running;
+    assert!(matches!(tokio::time::timeout(WAIT, running.recv()).await.unwrap(), Some(JobEvent::Started { .. })));
+    drop(running);
+    assert_eq!(last_event(last).await, JobEvent::Finished { exit_code: 4 });
+    let resumes = fake.calls().iter().filter(|call| call.starts_with("resume ")).count();
+    assert_eq!(resumes, 2, "the abandoned job never reached a guest");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_fails_queued_jobs_and_removes_every_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 1, 1);
+    let running = submit(&pool, "fake:hang");
+    let queued = submit(&pool, "exit 0");
+    wait_for(&pool, |status| status.count(SlotState::Running) == 1).await;
+    pool.shutdown().await;
+    assert!(matches!(last_event(running).await, JobEvent::Failed { .. }));
+    assert!(matches!(last_event(queued).await, JobEvent::Failed { .. }));
+    assert!(fake.domains().is_empty());
+    assert!(!dir.path().join("pools/test/0").exists());
+}
+
+#[test]
+fn acceleration_auto_never_picks_kvm_for_a_foreign_architecture() {
+    let foreign = if Arch::host() == Arch::X86_64 { Arch::Aarch64 } else { Arch::X86_64 };
+    assert_eq!(resolve_acceleration(Acceleration::Auto, foreign), Acceleration::Tcg);
+    assert_eq!(resolve_acceleration(Acceleration::Kvm, foreign), Acceleration::Kvm);
+    assert_eq!(resolve_acceleration(Acceleration::Tcg, Arch::host()), Acceleration::Tcg);
+}

@@ -1,0 +1,213 @@
+//! What the integration tests share: pools of reference guests on a real libvirtd under TCG.
+//!
+//! The tests need root, a running libvirtd and the reference guest that `scripts/test`
+//! builds. Where any of that is missing they are skipped with a message, except under CI,
+//! where a missing environment is a failure: a green run must mean the tests ran.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use warmpool::config::{Arch, Config};
+use warmpool::control::Control;
+use warmpool::daemon;
+use warmpool::hypervisor::libvirt::Libvirt;
+use warmpool::hypervisor::Hypervisor;
+use warmpool::metrics::Metrics;
+use warmpool::pool::PoolStatus;
+use warmpool::slot::{JobEvent, SlotState};
+
+/// Long enough for TCG boots on a loaded two-core machine.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("WARMPOOL_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/lib/warmpool/images".into())
+}
+
+pub fn uri() -> String {
+    std::env::var("WARMPOOL_TEST_URI").unwrap_or_else(|_| "qemu:///system".into())
+}
+
+pub fn guest_dir(arch: Arch) -> PathBuf {
+    images_dir().join(format!("reference-{}", arch.as_str()))
+}
+
+/// Whether the environment can run these tests; panics under CI when it cannot.
+pub async fn environment_ready(arch: Arch) -> bool {
+    let guest = guest_dir(arch);
+    let problem = if !guest.join("disk.qcow2").exists() {
+        Some(format!("no reference guest in {} (run scripts/build-reference-guest)", guest.display()))
+    } else if let Err(e) = Libvirt::connect(&uri()).await {
+        Some(format!("libvirtd is not reachable: {e} (run host-setup/setup)"))
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(problem) if std::env::var_os("CI").is_some() => panic!("integration test environment: {problem}"),
+        Some(problem) => {
+            eprintln!("skipped: {problem}");
+            false
+        }
+    }
+}
+
+/// A pool of reference guests under TCG with its own state directory, named after the test so
+/// that tests never share domains.
+pub struct TestPool {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub config: Config,
+}
+
+impl TestPool {
+    /// `extra` is TOML added to the `[[pool]]` table.
+    pub fn new(test: &str, arch: Arch, slots: u32, extra: &str) -> TestPool {
+        let name = format!("t-{test}");
+        let state_dir = PathBuf::from(format!("/var/lib/warmpool-tests/{name}"));
+        let guest = guest_dir(arch);
+        let arch = arch.as_str();
+        let text = format!(
+            r#"state_dir = "{state}"
+libvirt_uri = "{uri}"
+control_socket = "{state}/control.sock"
+
+[[pool]]
+name = "{name}"
+image = "{guest}/disk.qcow2"
+arch = "{arch}"
+vcpus = 1
+memory_mib = 256
+slots = {slots}
+acceleration = "tcg"
+boot_timeout_secs = 120
+{extra}
+
+[pool.template_vars]
+kernel = "{guest}/vmlinuz"
+initrd = "{guest}/initrd.img"
+"#,
+            state = state_dir.display(),
+            uri = uri(),
+            guest = guest.display(),
+        );
+        let config = Config::parse(&text, Path::new("test config")).expect("test configuration");
+        TestPool { name, state_dir, config }
+    }
+
+    pub fn slot_dir(&self, index: usize) -> PathBuf {
+        self.state_dir.join("pools").join(&self.name).join(index.to_string())
+    }
+
+    pub fn domain(&self, index: usize) -> String {
+        warmpool::slot::domain_name(&self.name, index)
+    }
+
+    /// Starts the pool in this process, as the daemon would.
+    pub async fn start(&self) -> Running {
+        std::fs::create_dir_all("/var/lib/warmpool-tests").unwrap();
+        let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&uri()).await.unwrap());
+        let control = daemon::start(&self.config, hypervisor.clone(), Arc::new(Metrics::default())).await.unwrap();
+        Running { control: Some(control), hypervisor, pool: self.name.clone(), state_dir: self.state_dir.clone() }
+    }
+}
+
+pub struct Running {
+    pub control: Option<Arc<Control>>,
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub pool: String,
+    pub state_dir: PathBuf,
+}
+
+/// What a job printed and how it ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub slot: Option<String>,
+    pub lines: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub failure: Option<String>,
+}
+
+impl Outcome {
+    pub fn output(&self) -> String {
+        self.lines.join("\n")
+    }
+
+    /// The value printed on a line `KEY value`.
+    pub fn value(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key} ");
+        self.lines.iter().find_map(|line| line.strip_prefix(&prefix)).map(str::to_owned)
+    }
+}
+
+impl Running {
+    pub fn control(&self) -> &Control {
+        self.control.as_ref().expect("running")
+    }
+
+    /// Runs a shell script in a slot and collects its events.
+    pub async fn run(&self, script: &str) -> Outcome {
+        let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
+        let (_job, _pool, events) = self.control().submit(None, &argv).unwrap();
+        collect(events).await
+    }
+
+    pub async fn status(&self) -> PoolStatus {
+        self.control().pools()[0].status().await.expect("pool status")
+    }
+
+    /// Waits until every slot is ready (or, for `quarantined`, until one is quarantined).
+    pub async fn settle(&self, want: SlotState) -> PoolStatus {
+        let waited = tokio::time::timeout(SETTLE_TIMEOUT, async {
+            loop {
+                let status = self.status().await;
+                let done = match want {
+                    SlotState::Quarantined => status.count(SlotState::Quarantined) > 0,
+                    state => status.slots.iter().all(|slot| slot.state == state),
+                };
+                if done {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        match waited.await {
+            Ok(status) => status,
+            Err(_) => panic!("slots never became {want}: {:?}", self.status().await),
+        }
+    }
+
+    /// Shuts the pool down and checks that nothing of it is left: no domain, no file.
+    pub async fn stop_and_check_clean(mut self) {
+        daemon::shutdown(self.control.take().unwrap()).await;
+        let left = self.hypervisor.list_marked(&self.pool).await.unwrap();
+        assert!(left.is_empty(), "domains left behind: {left:?}");
+        let dir = self.state_dir.join("pools").join(&self.pool);
+        assert!(!dir.exists(), "slot files left behind in {}", dir.display());
+        let listed = std::process::Command::new("virsh").args(["-c", &uri(), "list", "--all", "--name"]).output();
+        if let Ok(listed) = listed {
+            let names = String::from_utf8_lossy(&listed.stdout);
+            assert!(!names.lines().any(|name| name.starts_with(&format!("warmpool-{}-", self.pool))), "{names}");
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+pub async fn collect(mut events: mpsc::Receiver<JobEvent>) -> Outcome {
+    let mut outcome = Outcome { slot: None, lines: Vec::new(), exit_code: None, failure: None };
+    let ended = tokio::time::timeout(SETTLE_TIMEOUT, async {
+        while let Some(event) = events.recv().await {
+            match event {
+                JobEvent::Started { slot } => outcome.slot = Some(slot),
+                JobEvent::Log { line } => outcome.lines.push(line),
+                JobEvent::Finished { exit_code } => outcome.exit_code = Some(exit_code),
+                JobEvent::Failed { reason } => outcome.failure = Some(reason),
+            }
+        }
+    });
+    ended.await.expect("the job ended in time");
+    outcome
+}
