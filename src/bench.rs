@@ -130,8 +130,10 @@ async fn run_in(options: &BenchOptions, dir: &Path) -> Result<BenchReport, Bench
 
 /// Renames the pools `bench-…`, keeps only the first, and moves state and socket into `dir`.
 fn rewrite_config(text: &str, dir: &Path, slots: Option<u32>) -> Result<String, BenchError> {
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| BenchError::Rewrite(e.to_string()))?;
-    let dir_str = dir.to_str().ok_or_else(|| BenchError::Rewrite("state_dir is not UTF-8".into()))?;
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| BenchError::Rewrite(e.to_string()))?;
+    let dir_str =
+        dir.to_str().ok_or_else(|| BenchError::Rewrite("state_dir is not UTF-8".into()))?;
     table.insert("state_dir".into(), dir_str.into());
     table.insert("control_socket".into(), format!("{dir_str}/control.sock").into());
     let pools = table
@@ -140,7 +142,9 @@ fn rewrite_config(text: &str, dir: &Path, slots: Option<u32>) -> Result<String, 
         .filter(|pools| !pools.is_empty())
         .ok_or_else(|| BenchError::Rewrite("no [[pool]]".into()))?;
     pools.truncate(1);
-    let pool = pools[0].as_table_mut().ok_or_else(|| BenchError::Rewrite("[[pool]] is not a table".into()))?;
+    let pool = pools[0]
+        .as_table_mut()
+        .ok_or_else(|| BenchError::Rewrite("[[pool]] is not a table".into()))?;
     let name = pool.get("name").and_then(toml::Value::as_str).unwrap_or("pool");
     let name: String = format!("bench-{name}").chars().take(32).collect();
     pool.insert("name".into(), name.into());
@@ -160,8 +164,14 @@ async fn cold_boots(config: &Config, count: usize) -> Result<Vec<u64>, BenchErro
     let mut samples = Vec::with_capacity(count);
     for i in 0..count {
         let metrics = Arc::new(Metrics::default());
-        let mut slot =
-            Slot::new(COLD_BOOT_INDEX + i, spec.clone(), hypervisor.clone(), metrics, reports.clone(), stopping.clone());
+        let mut slot = Slot::new(
+            COLD_BOOT_INDEX + i,
+            spec.clone(),
+            hypervisor.clone(),
+            metrics,
+            reports.clone(),
+            stopping.clone(),
+        );
         let elapsed = slot.measure_cold_boot().await?;
         tracing::info!(boot = i, ms = elapsed.as_millis() as u64, "Cold boot measured");
         samples.push(elapsed.as_millis() as u64);
@@ -176,15 +186,20 @@ async fn measure(
 ) -> Result<Snapshot, BenchError> {
     let socket = &config.control_socket;
     let ready = config.pools[0].ready as usize;
-    wait_for(daemon, socket, BUILD_TIMEOUT, |status| settled(status) && status.count(SlotState::Ready) >= ready)
-        .await?;
+    wait_for(daemon, socket, BUILD_TIMEOUT, |status| {
+        settled(status) && status.count(SlotState::Ready) >= ready
+    })
+    .await?;
     for job in 0..jobs {
-        wait_for(daemon, socket, READY_TIMEOUT, |status| status.count(SlotState::Ready) > 0).await?;
+        wait_for(daemon, socket, READY_TIMEOUT, |status| status.count(SlotState::Ready) > 0)
+            .await?;
         let outcome = run_job(socket).await?;
         tracing::info!(job, outcome = %outcome, "Benchmark job ended");
     }
-    wait_for(daemon, socket, READY_TIMEOUT, |status| settled(status) && status.count(SlotState::Ready) >= ready)
-        .await?;
+    wait_for(daemon, socket, READY_TIMEOUT, |status| {
+        settled(status) && status.count(SlotState::Ready) >= ready
+    })
+    .await?;
     let Response::Stats { stats } = Client::call(socket, &Request::Stats).await? else {
         return Err(BenchError::Daemon("unexpected answer to `stats`".into(), String::new()));
     };
@@ -206,23 +221,32 @@ async fn wait_for(
     loop {
         daemon.check_alive()?;
         if let Ok(Response::Status { pools }) = Client::call(socket, &Request::Status).await {
-            if let Some(quarantined) = pools.iter().flat_map(|p| &p.slots).find(|s| s.state == SlotState::Quarantined) {
+            if let Some(quarantined) =
+                pools.iter().flat_map(|p| &p.slots).find(|s| s.state == SlotState::Quarantined)
+            {
                 let why = quarantined.error.clone().unwrap_or_default();
-                return Err(BenchError::Daemon(format!("slot {} was quarantined: {why}", quarantined.name), String::new()));
+                return Err(BenchError::Daemon(
+                    format!("slot {} was quarantined: {why}", quarantined.name),
+                    String::new(),
+                ));
             }
             if !pools.is_empty() && pools.iter().all(&done) {
                 return Ok(pools);
             }
         }
         if began.elapsed() > timeout {
-            return Err(BenchError::Daemon(format!("the pool did not settle within {timeout:?}"), String::new()));
+            return Err(BenchError::Daemon(
+                format!("the pool did not settle within {timeout:?}"),
+                String::new(),
+            ));
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
 async fn run_job(socket: &Path) -> Result<String, BenchError> {
-    let mut client = Client::request(socket, &Request::Exec { pool: None, argv: vec!["true".into()] }).await?;
+    let mut client =
+        Client::request(socket, &Request::Exec { pool: None, argv: vec!["true".into()] }).await?;
     while let Some(response) = client.next().await? {
         match response {
             Response::Finished { exit_code } => return Ok(format!("exit {exit_code}")),
@@ -258,7 +282,9 @@ impl Daemon {
     fn check_alive(&mut self) -> Result<(), BenchError> {
         match self.child.try_wait()? {
             None => Ok(()),
-            Some(status) => Err(BenchError::Daemon(format!("it exited with {status}"), tail(&self.log))),
+            Some(status) => {
+                Err(BenchError::Daemon(format!("it exited with {status}"), tail(&self.log)))
+            }
         }
     }
 
@@ -299,7 +325,8 @@ mod tests {
     #[test]
     fn rewritten_config_renames_the_pool_and_moves_state() {
         let text = Config::builtin_default_toml();
-        let rewritten = rewrite_config(&text, Path::new("/var/lib/warmpool/bench-1"), Some(4)).unwrap();
+        let rewritten =
+            rewrite_config(&text, Path::new("/var/lib/warmpool/bench-1"), Some(4)).unwrap();
         let config = Config::parse(&rewritten, Path::new("bench.toml")).unwrap();
         assert_eq!(config.state_dir, Path::new("/var/lib/warmpool/bench-1"));
         assert_eq!(config.control_socket, Path::new("/var/lib/warmpool/bench-1/control.sock"));

@@ -383,10 +383,16 @@ mod tests {
     fn errors_name_the_bad_field() {
         let with = |from: &str, to: &str| MINIMAL.replace(from, to);
         assert_eq!(invalid_field(&with("vcpus = 4", "vcpus = 0")), "pools[0].vcpus");
-        assert_eq!(invalid_field(&with("memory_mib = 8192", "memory_mib = 1")), "pools[0].memory_mib");
+        assert_eq!(
+            invalid_field(&with("memory_mib = 8192", "memory_mib = 1")),
+            "pools[0].memory_mib"
+        );
         assert_eq!(invalid_field(&with("slots = 2", "slots = 2\nready = 3")), "pools[0].ready");
         assert_eq!(invalid_field(&with("\"win11\"", "\"Win 11\"")), "pools[0].name");
-        assert_eq!(invalid_field(&with("\"/images/win11.qcow2\"", "\"rel.qcow2\"")), "pools[0].image");
+        assert_eq!(
+            invalid_field(&with("\"/images/win11.qcow2\"", "\"rel.qcow2\"")),
+            "pools[0].image"
+        );
         assert_eq!(
             invalid_field(&with("slots = 2", "slots = 2\nlabels = [\"a,b\"]")),
             "pools[0].labels[0]"
@@ -408,7 +414,9 @@ mod tests {
 
     #[test]
     fn template_placeholders_without_values_are_rejected() {
-        let field = invalid_field(&MINIMAL.replace("template_vars = { kernel = \"/k\", initrd = \"/i\" }", ""));
+        let field = invalid_field(
+            &MINIMAL.replace("template_vars = { kernel = \"/k\", initrd = \"/i\" }", ""),
+        );
         assert_eq!(field, "pools[0].template");
     }
 

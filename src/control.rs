@@ -30,7 +30,10 @@ const JOB_EVENTS: usize = 256;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Run `argv` in a fresh slot of `pool` (or of the first pool).
-    Exec { pool: Option<String>, argv: Vec<String> },
+    Exec {
+        pool: Option<String>,
+        argv: Vec<String>,
+    },
     Status,
     Stats,
 }
@@ -196,8 +199,12 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
     let mut line = String::new();
     let request = match reader.read_line(&mut line).await {
-        Ok(_) if !line.ends_with('\n') => Err(format!("requests are one line of at most {MAX_REQUEST_BYTES} bytes")),
-        Ok(_) => serde_json::from_str::<Request>(&line).map_err(|e| format!("invalid request: {e}")),
+        Ok(_) if !line.ends_with('\n') => {
+            Err(format!("requests are one line of at most {MAX_REQUEST_BYTES} bytes"))
+        }
+        Ok(_) => {
+            serde_json::from_str::<Request>(&line).map_err(|e| format!("invalid request: {e}"))
+        }
         Err(e) => Err(format!("cannot read the request: {e}")),
     };
     let request = match request {
@@ -245,7 +252,10 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
     }
 }
 
-async fn send(write: &mut (impl AsyncWriteExt + Unpin), response: &Response) -> std::io::Result<()> {
+async fn send(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    response: &Response,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     write.write_all(&line).await
@@ -272,7 +282,9 @@ impl Client {
     /// The next answer, or `None` when the daemon has said all.
     pub async fn next(&mut self) -> Result<Option<Response>, ControlError> {
         match self.lines.next_line().await? {
-            Some(line) => serde_json::from_str(&line).map(Some).map_err(|e| ControlError::Invalid(e.to_string())),
+            Some(line) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| ControlError::Invalid(e.to_string())),
             None => Ok(None),
         }
     }
@@ -289,15 +301,19 @@ mod tests {
 
     #[test]
     fn shell_command_quotes_every_argument() {
-        let argv: Vec<String> = ["sh", "-c", "echo 'hi' $HOME; exit 3"].iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> =
+            ["sh", "-c", "echo 'hi' $HOME; exit 3"].iter().map(|s| s.to_string()).collect();
         assert_eq!(shell_command(&argv), r#"'sh' '-c' 'echo '\''hi'\'' $HOME; exit 3'"#);
     }
 
     #[test]
     fn requests_parse_strictly() {
-        let exec: Request = serde_json::from_str(r#"{"type":"exec","pool":null,"argv":["true"]}"#).unwrap();
+        let exec: Request =
+            serde_json::from_str(r#"{"type":"exec","pool":null,"argv":["true"]}"#).unwrap();
         assert_eq!(exec, Request::Exec { pool: None, argv: vec!["true".into()] });
-        assert!(serde_json::from_str::<Request>(r#"{"type":"exec","argv":["x"],"extra":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"type":"exec","argv":["x"],"extra":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"type":"reboot"}"#).is_err());
     }
 
@@ -318,9 +334,10 @@ mod tests {
             assert!(matches!(response, Response::Error { .. }), "{answer}");
         }
 
-        let response = Client::call(&path, &Request::Exec { pool: None, argv: vec!["true".into()] })
-            .await
-            .unwrap();
+        let response =
+            Client::call(&path, &Request::Exec { pool: None, argv: vec!["true".into()] })
+                .await
+                .unwrap();
         assert_eq!(response, Response::Error { message: "the daemon has no pools".into() });
         server.abort();
     }

@@ -82,7 +82,11 @@ pub async fn shutdown(mut control: Arc<Control>) {
 
 /// A daemon that was killed leaves domains and files behind; they carry this pool's mark and
 /// live in its directory, and nothing else is touched.
-async fn clear_leftovers(hypervisor: &dyn Hypervisor, config: &Config, pool: &str) -> Result<(), DaemonError> {
+async fn clear_leftovers(
+    hypervisor: &dyn Hypervisor,
+    config: &Config,
+    pool: &str,
+) -> Result<(), DaemonError> {
     for domain in hypervisor.list_marked(pool).await? {
         warn!(pool, domain = %domain, "Destroying a domain left by an earlier run");
         hypervisor.destroy(&domain).await?;
@@ -103,11 +107,19 @@ fn check_files(config: &Config) -> Result<(), DaemonError> {
             } else {
                 ""
             };
-            return Err(DaemonError::MissingImage { pool: pool.name.clone(), path: pool.image.clone(), hint });
+            return Err(DaemonError::MissingImage {
+                pool: pool.name.clone(),
+                path: pool.image.clone(),
+                hint,
+            });
         }
-        let files = pool.template_vars.iter().filter(|(name, _)| matches!(name.as_str(), "kernel" | "initrd"));
+        let files = pool
+            .template_vars
+            .iter()
+            .filter(|(name, _)| matches!(name.as_str(), "kernel" | "initrd"));
         let files = files.map(|(name, value)| (name.clone(), PathBuf::from(value)));
-        let nvram = pool.nvram_template.iter().map(|path| ("nvram_template".to_owned(), path.clone()));
+        let nvram =
+            pool.nvram_template.iter().map(|path| ("nvram_template".to_owned(), path.clone()));
         for (what, path) in files.chain(nvram) {
             if !path.exists() {
                 return Err(DaemonError::MissingFile { pool: pool.name.clone(), what, path });

@@ -27,7 +27,10 @@ pub enum DiskError {
     File { operation: &'static str, path: PathBuf, source: io::Error },
 }
 
-fn file_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DiskError + 'a {
+fn file_error<'a>(
+    operation: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> DiskError + 'a {
     move |source| DiskError::File { operation, path: path.to_owned(), source }
 }
 
@@ -80,7 +83,11 @@ pub async fn copy_tree(from: &Path, to: &Path) -> Result<(), DiskError> {
         copy_tree_blocking(&from, &to)
     })
     .await
-    .map_err(|e| DiskError::File { operation: "Copy", path: PathBuf::new(), source: e.into() })?
+    .map_err(|e| DiskError::File {
+        operation: "Copy",
+        path: PathBuf::new(),
+        source: e.into(),
+    })?
 }
 
 fn copy_tree_blocking(from: &Path, to: &Path) -> Result<(), DiskError> {

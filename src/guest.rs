@@ -240,7 +240,10 @@ mod tests {
     async fn reads_lines_split_across_writes_and_joined_in_one() {
         let (mut port, mut guest) = pair();
         guest.write_all(b"{\"v\":1,\"ty").await.unwrap();
-        guest.write_all(b"pe\":\"ready\"}\n{\"v\":1,\"type\":\"started\",\"job\":\"a\"}\n").await.unwrap();
+        guest
+            .write_all(b"pe\":\"ready\"}\n{\"v\":1,\"type\":\"started\",\"job\":\"a\"}\n")
+            .await
+            .unwrap();
         assert_eq!(port.next_message().await.unwrap(), GuestMessage::Ready);
         assert_eq!(port.next_message().await.unwrap(), GuestMessage::Started { job: "a".into() });
     }

@@ -85,13 +85,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. } | Command::Bench { .. });
     init_tracing(if serving { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("warmpool: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("warmpool: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -102,7 +103,8 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(default: &str) {
-    let filter = EnvFilter::try_from_env("WARMPOOL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter =
+        EnvFilter::try_from_env("WARMPOOL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -136,12 +138,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench { config, jobs, cold_boots, slots, json: _ } => {
             let (text, origin) = match config.or_else(system_config) {
                 Some(path) => (
-                    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
                     path,
                 ),
                 None => (Config::builtin_default_toml(), PathBuf::from("built-in default")),
             };
-            let report = bench::run(BenchOptions { config_text: text, origin, jobs, cold_boots, slots }).await?;
+            let report =
+                bench::run(BenchOptions { config_text: text, origin, jobs, cold_boots, slots })
+                    .await?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -174,7 +179,9 @@ async fn exec(socket: &Path, pool: Option<String>, argv: Vec<String>) -> anyhow:
     let mut stdout = std::io::stdout().lock();
     while let Some(response) = client.next().await? {
         match response {
-            Response::Queued { job, pool } => tracing::info!(job = %job, pool = %pool, "Job queued"),
+            Response::Queued { job, pool } => {
+                tracing::info!(job = %job, pool = %pool, "Job queued")
+            }
             Response::Started { slot } => tracing::info!(slot = %slot, "Job started"),
             Response::Log { line } => {
                 writeln!(stdout, "{line}")?;

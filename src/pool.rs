@@ -7,7 +7,7 @@
 //! own tasks ([`crate::slot`]), so a slow restore never holds up the pool.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,9 @@ use tracing::info;
 use crate::config::{Acceleration, Arch, PoolConfig};
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
-use crate::slot::{domain_name, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState};
+use crate::slot::{
+    domain_name, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState,
+};
 
 /// Commands a slot may have queued: one decision and a shutdown, with room to spare.
 const SLOT_QUEUE: usize = 8;
@@ -85,12 +87,19 @@ impl Pool {
                     stopping_rx.clone(),
                 );
                 let task = tokio::spawn(slot.run(commands_rx));
-                SlotHandle { name: domain_name(&config.name, index), state: SlotState::Empty, error: None, commands, task }
+                SlotHandle {
+                    name: domain_name(&config.name, index),
+                    state: SlotState::Empty,
+                    error: None,
+                    commands,
+                    task,
+                }
             })
             .collect();
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let dispatcher = Dispatcher {
             name: config.name.clone(),
+            dir: spec.dir.clone(),
             labels: config.labels.clone(),
             ready_target: config.ready as usize,
             slots,
@@ -118,7 +127,9 @@ impl Pool {
 
     /// Queues a job; its events channel tells how it goes.
     pub fn submit(&self, job: Job) {
-        if let Err(mpsc::error::SendError(Request::Submit(job))) = self.requests.send(Request::Submit(job)) {
+        if let Err(mpsc::error::SendError(Request::Submit(job))) =
+            self.requests.send(Request::Submit(job))
+        {
             job.fail("the pool is shutting down");
         }
     }
@@ -135,7 +146,10 @@ impl Pool {
         loop {
             if let Some(status) = self.status().await {
                 let settled = status.slots.iter().all(|slot| {
-                    matches!(slot.state, SlotState::Ready | SlotState::Saved | SlotState::Quarantined)
+                    matches!(
+                        slot.state,
+                        SlotState::Ready | SlotState::Saved | SlotState::Quarantined
+                    )
                 });
                 let usable = status.slots.len() - status.count(SlotState::Quarantined);
                 if settled && status.count(SlotState::Ready) >= self.ready_target.min(usable) {
@@ -162,7 +176,10 @@ pub(crate) fn slot_spec(config: &PoolConfig, state_dir: &Path) -> SlotSpec {
     let mut values: BTreeMap<String, String> = config.template_vars.clone();
     values.insert("vcpus".into(), config.vcpus.to_string());
     values.insert("memory_mib".into(), config.memory_mib.to_string());
-    values.insert("domain_type".into(), if accel == Acceleration::Kvm { "kvm" } else { "qemu" }.into());
+    values.insert(
+        "domain_type".into(),
+        if accel == Acceleration::Kvm { "kvm" } else { "qemu" }.into(),
+    );
     values.insert("cpu".into(), cpu_element(accel).into());
     SlotSpec {
         pool: config.name.clone(),
@@ -221,6 +238,8 @@ struct SlotHandle {
 
 struct Dispatcher {
     name: String,
+    /// The pool's directory, holding one directory per slot.
+    dir: PathBuf,
     labels: Vec<String>,
     ready_target: usize,
     slots: Vec<SlotHandle>,
@@ -309,7 +328,11 @@ impl Dispatcher {
             slots: self
                 .slots
                 .iter()
-                .map(|slot| SlotStatus { name: slot.name.clone(), state: slot.state, error: slot.error.clone() })
+                .map(|slot| SlotStatus {
+                    name: slot.name.clone(),
+                    state: slot.state,
+                    error: slot.error.clone(),
+                })
                 .collect(),
         }
     }
@@ -333,6 +356,12 @@ impl Dispatcher {
                         }
                     }
                 }
+            }
+        }
+        // Each slot removed its own directory; an error here means one could not.
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(pool = %self.name, dir = %self.dir.display(), error = %e, "Pool directory not removed");
             }
         }
     }

@@ -50,7 +50,9 @@ pub const JOB_PORT_NAME: &str = "org.warmpool.job.0";
 /// Where libvirt keeps the state of emulated TPMs, one directory per domain UUID.
 const SWTPM_STATE_ROOT: &str = "/var/lib/libvirt/swtpm";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotState {
     /// Nothing on disk, no domain.
@@ -310,7 +312,8 @@ impl Slot {
         stopping: watch::Receiver<bool>,
     ) -> Slot {
         let name = domain_name(&spec.pool, index);
-        let uuid = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("warmpool:{name}").as_bytes());
+        let uuid =
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("warmpool:{name}").as_bytes());
         let paths = SlotPaths::new(spec.dir.join(index.to_string()));
         let backoff = spec.first_backoff;
         Slot {
@@ -497,7 +500,9 @@ impl Slot {
                     got: other.kind(),
                     expected: "`ready`",
                 })),
-                Err(PortError::Closed) => Err(SlotError::StoppedBeforeReady { console: console.clone() }),
+                Err(PortError::Closed) => {
+                    Err(SlotError::StoppedBeforeReady { console: console.clone() })
+                }
                 Err(e) => Err(e.into()),
             }
         };
@@ -516,13 +521,9 @@ impl Slot {
             return Err(SlotError::SavedXml(clean));
         }
         let restore = saved.replace(&clean, &self.paths.job_disk.display().to_string());
-        tokio::fs::write(&self.paths.restore_xml, restore)
-            .await
-            .map_err(|source| DiskError::File {
-                operation: "Write",
-                path: self.paths.restore_xml.clone(),
-                source,
-            })?;
+        tokio::fs::write(&self.paths.restore_xml, restore).await.map_err(|source| {
+            DiskError::File { operation: "Write", path: self.paths.restore_xml.clone(), source }
+        })?;
         Ok(())
     }
 
@@ -597,29 +598,38 @@ impl Slot {
         let port = self.port.as_mut().expect("a ready slot has a job port");
         let deadline = tokio::time::Instant::now() + self.spec.max_job;
         let max_secs = self.spec.max_job.as_secs();
-        port.send_job(&JobMessage::new(&job.id, job.run.clone())).await.map_err(JobFailure::Port)?;
+        port.send_job(&JobMessage::new(&job.id, job.run.clone()))
+            .await
+            .map_err(JobFailure::Port)?;
         self.hypervisor.resume(&self.name).await?;
 
         let start_deadline = (tokio::time::Instant::now() + START_TIMEOUT).min(deadline);
-        let first = next_for_job(port, job, start_deadline, &mut self.stopping).await.map_err(|e| match e {
-            JobFailure::Timeout { .. } if start_deadline < deadline => {
-                JobFailure::NoStart { secs: START_TIMEOUT.as_secs() }
-            }
-            JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
-            other => other,
-        })?;
+        let first = next_for_job(port, job, start_deadline, &mut self.stopping).await.map_err(
+            |e| match e {
+                JobFailure::Timeout { .. } if start_deadline < deadline => {
+                    JobFailure::NoStart { secs: START_TIMEOUT.as_secs() }
+                }
+                JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
+                other => other,
+            },
+        )?;
         if !matches!(first, GuestMessage::Started { .. }) {
-            return Err(JobFailure::Port(PortError::Unexpected { got: first.kind(), expected: "`started`" }));
+            return Err(JobFailure::Port(PortError::Unexpected {
+                got: first.kind(),
+                expected: "`started`",
+            }));
         }
         self.metrics.record(Series::Assign, job.arrived.elapsed());
         let started = JobEvent::Started { slot: self.name.clone() };
         relay(job, started, deadline).await.map_err(|_| timeout_or_cancel(job, max_secs))?;
 
         loop {
-            let message = next_for_job(port, job, deadline, &mut self.stopping).await.map_err(|e| match e {
-                JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
-                other => other,
-            })?;
+            let message = next_for_job(port, job, deadline, &mut self.stopping).await.map_err(
+                |e| match e {
+                    JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
+                    other => other,
+                },
+            )?;
             match message {
                 GuestMessage::Log { line, .. } => {
                     relay(job, JobEvent::Log { line }, deadline)
@@ -729,7 +739,10 @@ async fn next_for_job(
             got: named.chars().take(64).collect(),
             expected: job.id.clone(),
         })),
-        None => Err(JobFailure::Port(PortError::Unexpected { got: message.kind(), expected: "a job message" })),
+        None => Err(JobFailure::Port(PortError::Unexpected {
+            got: message.kind(),
+            expected: "a job message",
+        })),
         Some(_) => Ok(message),
     }
 }

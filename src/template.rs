@@ -116,7 +116,10 @@ impl Template {
 
     /// Checks that the template has the required placeholders and that each of its
     /// placeholders gets a value: from the daemon, from `vars`, or from its default.
-    pub fn check<'a>(&self, vars: impl Iterator<Item = &'a str> + Clone) -> Result<(), TemplateError> {
+    pub fn check<'a>(
+        &self,
+        vars: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(), TemplateError> {
         for required in REQUIRED {
             if !self.uses(required) {
                 return Err(TemplateError::Missing { name: (*required).to_owned() });
@@ -139,7 +142,8 @@ impl Template {
                 Part::Text(text) => out.push_str(text),
                 Part::Hole { name, default } => {
                     let value = values.get(name).or(default.as_ref());
-                    let value = value.ok_or_else(|| TemplateError::NoValue { name: name.clone() })?;
+                    let value =
+                        value.ok_or_else(|| TemplateError::NoValue { name: name.clone() })?;
                     // The daemon's own `cpu` value is an element, not text.
                     if name == "cpu" {
                         out.push_str(value);
@@ -239,17 +243,26 @@ mod tests {
 
     #[test]
     fn check_reports_placeholders_without_values_and_missing_required_ones() {
-        let template = Template::parse("t", "<domain>{{name}}{{disk}}{{job_port}}{{kernel}}</domain>").unwrap();
-        assert!(matches!(template.check([].into_iter()), Err(TemplateError::NoValue { name }) if name == "kernel"));
+        let template =
+            Template::parse("t", "<domain>{{name}}{{disk}}{{job_port}}{{kernel}}</domain>")
+                .unwrap();
+        assert!(
+            matches!(template.check([].into_iter()), Err(TemplateError::NoValue { name }) if name == "kernel")
+        );
         template.check(["kernel"].into_iter()).unwrap();
 
         let no_port = Template::parse("t", "<domain>{{name}}{{disk}}</domain>").unwrap();
-        assert!(matches!(no_port.check([].into_iter()), Err(TemplateError::Missing { name }) if name == "job_port"));
+        assert!(
+            matches!(no_port.check([].into_iter()), Err(TemplateError::Missing { name }) if name == "job_port")
+        );
     }
 
     #[test]
     fn parse_rejects_unclosed_placeholders_and_other_roots() {
-        assert!(matches!(Template::parse("t", "<domain>{{name</domain>"), Err(TemplateError::Unclosed { .. })));
+        assert!(matches!(
+            Template::parse("t", "<domain>{{name</domain>"),
+            Err(TemplateError::Unclosed { .. })
+        ));
         assert!(matches!(Template::parse("t", "<network/>"), Err(TemplateError::NotDomain)));
         Template::parse("t", "<?xml version='1.0'?>\n<!-- c -->\n<domain/>").unwrap();
     }

@@ -9,8 +9,12 @@ use support::TestPool;
 use warmpool::config::Arch;
 use warmpool::slot::SlotState;
 
-/// Writes straight to the job port, past the agent: the guest side is untrusted.
-const PORT: &str = "/dev/virtio-ports/org.warmpool.job.0";
+/// A hostile job takes the job port over: it kills the agent and its output relay (the port
+/// opens for one process at a time) and opens the port itself as file descriptor 3. Its own
+/// output goes to the console, as nothing relays it any more.
+const TAKE_PORT: &str = "exec >/dev/console 2>&1; \
+    for p in /proc/[0-9]*; do case $(tr '\\0' ' ' < $p/cmdline) in '/bin/sh /usr/sbin/warmpool-guest ') kill -9 ${p#/proc/};; esac; done; \
+    sleep 1; exec 3<>/dev/virtio-ports/org.warmpool.job.0";
 
 #[tokio::test]
 async fn jobs_that_misbehave_end_in_a_reverted_ready_slot() {
@@ -22,15 +26,34 @@ async fn jobs_that_misbehave_end_in_a_reverted_ready_slot() {
     running.settle(SlotState::Ready).await;
 
     let cases: [(&str, String, &str); 5] = [
-        ("power off without finished", "poweroff -f".into(), "stopped before it reported the job finished"),
+        (
+            "power off without finished",
+            "poweroff -f".into(),
+            "stopped before it reported the job finished",
+        ),
         ("outlive the maximum duration", "sleep 600".into(), "maximum duration of 20 s"),
-        ("flood the port with one endless line", format!("head -c 1000000 /dev/zero | tr '\\0' x > {PORT}; sleep 600"), "over 65536 bytes"),
-        ("send invalid JSON", format!("echo '{{\"v\":1,\"type\":' > {PORT}; sleep 600"), "malformed"),
-        ("send a message out of order", format!("echo '{{\"v\":1,\"type\":\"ready\"}}' > {PORT}; sleep 600"), "`ready`"),
+        (
+            "flood the port with one endless line",
+            format!("{TAKE_PORT}; head -c 1000000 /dev/zero | tr '\\0' x >&3; sleep 600"),
+            "over 65536 bytes",
+        ),
+        (
+            "send invalid JSON",
+            format!("{TAKE_PORT}; echo '{{\"v\":1,\"type\":' >&3; sleep 600"),
+            "malformed",
+        ),
+        (
+            "send a message out of order",
+            format!("{TAKE_PORT}; echo '{{\"v\":1,\"type\":\"ready\"}}' >&3; sleep 600"),
+            "`ready`",
+        ),
     ];
     for (what, script, expected) in cases {
         let outcome = running.run(&script).await;
-        let failure = outcome.failure.clone().unwrap_or_else(|| panic!("{what}: the job did not fail: {outcome:?}"));
+        let failure = outcome
+            .failure
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: the job did not fail: {outcome:?}"));
         assert!(failure.contains(expected), "{what}: {failure}");
         running.settle(SlotState::Ready).await;
         check_serves(&running, what).await;

@@ -8,7 +8,8 @@ use warmpool::config::Arch;
 use warmpool::slot::SlotState;
 
 /// Reads the whole disk past the guest's page cache and prints its checksum.
-const DISK_HASH: &str = "echo DISK $(dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)";
+const DISK_HASH: &str =
+    "echo DISK $(dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)";
 
 /// Everything a hostile job might leave behind, written in every way the test checks.
 const DIRTY_JOB: &str = r#"
@@ -63,15 +64,26 @@ async fn a_job_leaves_no_trace_for_the_next_job_on_its_slot() {
     assert_eq!(second.value("FORWARD").as_deref(), Some("0"), "{second:?}");
     assert_ne!(second.value("PIDMAX").as_deref(), Some("4242"), "{second:?}");
     assert_ne!(second.value("HOST").as_deref(), Some("dirty-job"), "{second:?}");
-    assert_eq!(second.value("DISK").unwrap(), clean_hash, "the reverted disk is byte-identical: {second:?}");
+    assert_eq!(
+        second.value("DISK").unwrap(),
+        clean_hash,
+        "the reverted disk is byte-identical: {second:?}"
+    );
 
     running.stop_and_check_clean().await;
 }
 
 /// The checksum of the disk as the clean overlay and its backing image present it.
 fn host_side_hash(clean: &std::path::Path) -> String {
-    let script = format!("qemu-img convert -U -O raw '{}' /dev/stdout | sha256sum | cut -d' ' -f1", clean.display());
-    let output = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    // qemu-img needs a seekable output, so the raw disk goes through a file.
+    let raw = tempfile::NamedTempFile::new().unwrap();
+    let output = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(clean)
+        .arg(raw.path())
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    let output = std::process::Command::new("sha256sum").arg(raw.path()).output().unwrap();
+    String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }

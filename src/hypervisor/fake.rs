@@ -121,10 +121,11 @@ impl FakeHypervisor {
             return Err(HypervisorError::operation("Start", &name, "domain already exists"));
         }
         let _ = std::fs::remove_file(&port);
-        let listener = UnixListener::bind(&port)
-            .map_err(|e| HypervisorError::operation("Start", &name, e))?;
+        let listener =
+            UnixListener::bind(&port).map_err(|e| HypervisorError::operation("Start", &name, e))?;
         let (running, running_rx) = watch::channel(boot.is_some());
-        let guest = tokio::spawn(run_guest(self.state.clone(), name.clone(), listener, boot, running_rx));
+        let guest =
+            tokio::spawn(run_guest(self.state.clone(), name.clone(), listener, boot, running_rx));
         state.domains.insert(name, FakeDomain { xml: xml.to_owned(), running, guest });
         Ok(())
     }
@@ -155,7 +156,9 @@ async fn run_guest(
     if boot == Some(Boot::Silent) {
         std::future::pending::<()>().await;
     }
-    if boot == Some(Boot::Ready) && write.write_all(b"{\"v\":1,\"type\":\"ready\"}\n").await.is_err() {
+    if boot == Some(Boot::Ready)
+        && write.write_all(b"{\"v\":1,\"type\":\"ready\"}\n").await.is_err()
+    {
         return;
     }
     let mut lines = BufReader::new(read).lines();
@@ -205,7 +208,9 @@ async fn run_job(
     write.write_all(&send(serde_json::json!({"v":1,"type":"started","job":job}))).await?;
     let mut exit_code = 0;
     for line in script.lines() {
-        write.write_all(&send(serde_json::json!({"v":1,"type":"log","job":job,"line":line}))).await?;
+        write
+            .write_all(&send(serde_json::json!({"v":1,"type":"log","job":job,"line":line})))
+            .await?;
         if let Some(code) = line.trim().strip_prefix("exit ") {
             exit_code = code.trim().parse().unwrap_or(1);
         }

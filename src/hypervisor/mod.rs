@@ -27,7 +27,11 @@ pub enum HypervisorError {
 
 impl HypervisorError {
     pub fn operation(operation: &'static str, domain: &str, message: impl ToString) -> Self {
-        HypervisorError::Operation { operation, domain: domain.to_owned(), message: message.to_string() }
+        HypervisorError::Operation {
+            operation,
+            domain: domain.to_owned(),
+            message: message.to_string(),
+        }
     }
 }
 

@@ -64,7 +64,17 @@ impl Harness {
         let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
         let slot = Slot::new(0, spec, hypervisor, metrics.clone(), reports_tx, stopping_rx);
         let task = tokio::spawn(slot.run(commands_rx));
-        Harness { fake, dir, reports, commands, stopping, task, seen: Vec::new(), state: SlotState::Empty, metrics }
+        Harness {
+            fake,
+            dir,
+            reports,
+            commands,
+            stopping,
+            task,
+            seen: Vec::new(),
+            state: SlotState::Empty,
+            metrics,
+        }
     }
 
     fn slot_dir(&self) -> PathBuf {
@@ -72,7 +82,10 @@ impl Harness {
     }
 
     async fn next_report(&mut self) -> SlotReport {
-        tokio::time::timeout(WAIT, self.reports.recv()).await.expect("a report in time").expect("a report")
+        tokio::time::timeout(WAIT, self.reports.recv())
+            .await
+            .expect("a report in time")
+            .expect("a report")
     }
 
     /// Waits for the slot to reach `want`, recording every transition on the way.
@@ -91,7 +104,9 @@ impl Harness {
     /// Waits for exactly these states, in this order.
     async fn expect(&mut self, states: &[SlotState]) {
         for want in states {
-            let SlotReport::State { state, .. } = self.next_report().await else { panic!("a returned job") };
+            let SlotReport::State { state, .. } = self.next_report().await else {
+                panic!("a returned job")
+            };
             self.seen.push((self.state, state));
             self.state = state;
             assert_eq!(state, *want, "transitions so far: {:?}", self.seen);
@@ -110,7 +125,10 @@ impl Harness {
         self.commands.send(SlotCommand::Assign(job)).await.unwrap();
         let mut seen = Vec::new();
         loop {
-            let event = tokio::time::timeout(WAIT, events.recv()).await.expect("an event in time").expect("an event");
+            let event = tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("an event in time")
+                .expect("an event");
             let last = matches!(event, JobEvent::Finished { .. } | JobEvent::Failed { .. });
             seen.push(event);
             if last {
@@ -148,7 +166,10 @@ fn transition_table_matches_the_diagram() {
         [0, 0, 0, 0, 0, 0, 0, 0, 1], // Quarantined
         [1, 0, 0, 0, 0, 0, 0, 0, 0], // Rebuilding
     ];
-    assert_eq!(SlotState::ALL, [Empty, Building, Saved, Restoring, Ready, Running, Reverting, Quarantined, Rebuilding]);
+    assert_eq!(
+        SlotState::ALL,
+        [Empty, Building, Saved, Restoring, Ready, Running, Reverting, Quarantined, Rebuilding]
+    );
     for (i, from) in SlotState::ALL.iter().enumerate() {
         for (j, to) in SlotState::ALL.iter().enumerate() {
             assert_eq!(from.can_become(*to), table[i][j] == 1, "{from} -> {to}");
@@ -159,7 +180,10 @@ fn transition_table_matches_the_diagram() {
 #[tokio::test]
 async fn slot_makes_every_allowed_transition_and_no_other() {
     let fake = FakeHypervisor::new();
-    let mut h = Harness::start(fake.clone(), Limits { boot_timeout: Duration::from_millis(300), ..Limits::default() });
+    let mut h = Harness::start(
+        fake.clone(),
+        Limits { boot_timeout: Duration::from_millis(300), ..Limits::default() },
+    );
     h.expect(&[SlotState::Building, SlotState::Saved]).await;
 
     // A job, then its revert.
@@ -185,7 +209,13 @@ async fn slot_makes_every_allowed_transition_and_no_other() {
     h.fake.set_boot(Boot::Silent);
     let _ = h.run("echo again").await;
     h.expect(&[SlotState::Running, SlotState::Reverting, SlotState::Quarantined]).await;
-    h.expect(&[SlotState::Rebuilding, SlotState::Empty, SlotState::Building, SlotState::Quarantined]).await;
+    h.expect(&[
+        SlotState::Rebuilding,
+        SlotState::Empty,
+        SlotState::Building,
+        SlotState::Quarantined,
+    ])
+    .await;
 
     let seen: BTreeSet<_> = h.seen.iter().copied().collect();
     for (from, to) in &seen {
@@ -267,7 +297,10 @@ async fn a_job_whose_submitter_leaves_is_cancelled_and_reverted() {
     h.reach(SlotState::Saved).await;
     h.ready().await;
     let (events_tx, events) = mpsc::channel(8);
-    h.commands.send(SlotCommand::Assign(Job::new("j".into(), Run::script("fake:hang"), events_tx))).await.unwrap();
+    h.commands
+        .send(SlotCommand::Assign(Job::new("j".into(), Run::script("fake:hang"), events_tx)))
+        .await
+        .unwrap();
     h.expect(&[SlotState::Running]).await;
     drop(events);
     h.expect(&[SlotState::Reverting, SlotState::Saved]).await;
@@ -288,7 +321,10 @@ async fn a_guest_that_never_says_ready_is_quarantined_with_a_clear_error() {
 
     // Jobs sent to a quarantined slot come back to the pool rather than vanish.
     let (events_tx, _events) = mpsc::channel(8);
-    h.commands.send(SlotCommand::Assign(Job::new("j".into(), Run::script("true"), events_tx))).await.unwrap();
+    h.commands
+        .send(SlotCommand::Assign(Job::new("j".into(), Run::script("true"), events_tx)))
+        .await
+        .unwrap();
     loop {
         if let SlotReport::Returned { job, .. } = h.next_report().await {
             assert_eq!(job.id, "j");
@@ -307,7 +343,10 @@ async fn the_clean_snapshot_is_frozen_and_restores_onto_the_job_overlay() {
     let mode = std::fs::metadata(dir.join("clean.qcow2")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o444);
     let restore = std::fs::read_to_string(dir.join("restore.xml")).unwrap();
-    assert!(restore.contains(&format!("<disk>{}</disk>", dir.join("job.qcow2").display())), "{restore}");
+    assert!(
+        restore.contains(&format!("<disk>{}</disk>", dir.join("job.qcow2").display())),
+        "{restore}"
+    );
     assert!(dir.join("memory.save").exists());
     h.stop().await;
 }
@@ -318,7 +357,10 @@ async fn shutdown_ends_a_running_job_and_leaves_nothing() {
     h.reach(SlotState::Saved).await;
     h.ready().await;
     let (events_tx, mut events) = mpsc::channel(8);
-    h.commands.send(SlotCommand::Assign(Job::new("j".into(), Run::script("fake:hang"), events_tx))).await.unwrap();
+    h.commands
+        .send(SlotCommand::Assign(Job::new("j".into(), Run::script("fake:hang"), events_tx)))
+        .await
+        .unwrap();
     h.expect(&[SlotState::Running]).await;
     h.stopping.send_replace(true);
     h.commands.send(SlotCommand::Shutdown).await.unwrap();

@@ -24,7 +24,9 @@ use warmpool::slot::{JobEvent, SlotState};
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn images_dir() -> PathBuf {
-    std::env::var_os("WARMPOOL_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/lib/warmpool/images".into())
+    std::env::var_os("WARMPOOL_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/warmpool/images".into())
 }
 
 pub fn uri() -> String {
@@ -39,7 +41,10 @@ pub fn guest_dir(arch: Arch) -> PathBuf {
 pub async fn environment_ready(arch: Arch) -> bool {
     let guest = guest_dir(arch);
     let problem = if !guest.join("disk.qcow2").exists() {
-        Some(format!("no reference guest in {} (run scripts/build-reference-guest)", guest.display()))
+        Some(format!(
+            "no reference guest in {} (run scripts/build-reference-guest)",
+            guest.display()
+        ))
     } else if let Err(e) = Libvirt::connect(&uri()).await {
         Some(format!("libvirtd is not reachable: {e} (run host-setup/setup)"))
     } else {
@@ -47,7 +52,9 @@ pub async fn environment_ready(arch: Arch) -> bool {
     };
     match problem {
         None => true,
-        Some(problem) if std::env::var_os("CI").is_some() => panic!("integration test environment: {problem}"),
+        Some(problem) if std::env::var_os("CI").is_some() => {
+            panic!("integration test environment: {problem}")
+        }
         Some(problem) => {
             eprintln!("skipped: {problem}");
             false
@@ -110,8 +117,15 @@ initrd = "{guest}/initrd.img"
     pub async fn start(&self) -> Running {
         std::fs::create_dir_all("/var/lib/warmpool-tests").unwrap();
         let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&uri()).await.unwrap());
-        let control = daemon::start(&self.config, hypervisor.clone(), Arc::new(Metrics::default())).await.unwrap();
-        Running { control: Some(control), hypervisor, pool: self.name.clone(), state_dir: self.state_dir.clone() }
+        let control = daemon::start(&self.config, hypervisor.clone(), Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+        Running {
+            control: Some(control),
+            hypervisor,
+            pool: self.name.clone(),
+            state_dir: self.state_dir.clone(),
+        }
     }
 }
 
@@ -187,10 +201,15 @@ impl Running {
         assert!(left.is_empty(), "domains left behind: {left:?}");
         let dir = self.state_dir.join("pools").join(&self.pool);
         assert!(!dir.exists(), "slot files left behind in {}", dir.display());
-        let listed = std::process::Command::new("virsh").args(["-c", &uri(), "list", "--all", "--name"]).output();
+        let listed = std::process::Command::new("virsh")
+            .args(["-c", &uri(), "list", "--all", "--name"])
+            .output();
         if let Ok(listed) = listed {
             let names = String::from_utf8_lossy(&listed.stdout);
-            assert!(!names.lines().any(|name| name.starts_with(&format!("warmpool-{}-", self.pool))), "{names}");
+            assert!(
+                !names.lines().any(|name| name.starts_with(&format!("warmpool-{}-", self.pool))),
+                "{names}"
+            );
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
