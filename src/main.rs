@@ -105,7 +105,12 @@ fn main() -> ExitCode {
 fn init_tracing(default: &str) {
     let filter =
         EnvFilter::try_from_env("WARMPOOL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {

@@ -68,6 +68,8 @@ pub struct TestPool {
     pub name: String,
     pub state_dir: PathBuf,
     pub config: Config,
+    /// The configuration as a file says it, for tests that run the binary.
+    pub text: String,
 }
 
 impl TestPool {
@@ -102,7 +104,7 @@ initrd = "{guest}/initrd.img"
             guest = guest.display(),
         );
         let config = Config::parse(&text, Path::new("test config")).expect("test configuration");
-        TestPool { name, state_dir, config }
+        TestPool { name, state_dir, config, text }
     }
 
     pub fn slot_dir(&self, index: usize) -> PathBuf {

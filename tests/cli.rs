@@ -1,0 +1,189 @@
+//! `warmpool serve` and `warmpool exec` as an operator runs them: output streamed, exit codes
+//! passed through, errors explained, and nothing left behind after SIGTERM, or after SIGKILL
+//! and a restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::TestPool;
+use warmpool::config::Arch;
+use warmpool::control::{Client, Request, Response};
+use warmpool::hypervisor::libvirt::Libvirt;
+use warmpool::hypervisor::Hypervisor;
+use warmpool::slot::SlotState;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmpool");
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: &Path) -> Daemon {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Daemon { child, log: log.to_owned() }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(began.elapsed() < timeout, "the daemon did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Waits until the daemon answers and all its slots are ready.
+async fn wait_ready(daemon: &mut Daemon, socket: &Path) {
+    let began = Instant::now();
+    loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            panic!("the daemon exited with {status}:\n{}", daemon.log());
+        }
+        if let Ok(Response::Status { pools }) = Client::call(socket, &Request::Status).await {
+            let slots: Vec<_> = pools.iter().flat_map(|pool| &pool.slots).collect();
+            if let Some(slot) = slots.iter().find(|slot| slot.state == SlotState::Quarantined) {
+                panic!("{} quarantined: {:?}\n{}", slot.name, slot.error, daemon.log());
+            }
+            if slots.iter().all(|slot| slot.state == SlotState::Ready) {
+                return;
+            }
+        }
+        assert!(began.elapsed() < support::SETTLE_TIMEOUT, "never ready:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A test that fails must not leave its daemon running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn warmpool(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+#[tokio::test]
+async fn serve_and_exec_as_an_operator_uses_them() {
+    if !support::environment_ready(Arch::X86_64).await {
+        return;
+    }
+    let pool = TestPool::new("cli", Arch::X86_64, 1, "");
+    let _ = std::fs::remove_dir_all(&pool.state_dir);
+    std::fs::create_dir_all(&pool.state_dir).unwrap();
+    let config = pool.state_dir.join("warmpool.toml");
+    std::fs::write(&config, &pool.text).unwrap();
+    let log = std::env::temp_dir().join("warmpool-cli-test.log");
+    let _ = std::fs::remove_file(&log);
+    let socket = pool.config.control_socket.clone();
+    let socket_arg = socket.to_str().unwrap();
+
+    let mut daemon = Daemon::start(&config, &log);
+    wait_ready(&mut daemon, &socket).await;
+
+    // Output streams in order, stderr included, and the exit code passes through.
+    let out = warmpool(&[
+        "exec",
+        "--socket",
+        socket_arg,
+        "--",
+        "sh",
+        "-c",
+        "echo one; echo two >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+
+    // A wrong pool is one clear line, not a hang.
+    let out = warmpool(&["exec", "--socket", socket_arg, "--pool", "nope", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no pool `nope`") && stderr.contains(&pool.name), "{stderr}");
+
+    let out = warmpool(&["status", "--socket", socket_arg]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)));
+
+    // SIGKILL leaves a domain and files behind; the next daemon clears them and serves again.
+    wait_ready(&mut daemon, &socket).await;
+    daemon.signal("-KILL");
+    daemon.wait(Duration::from_secs(10));
+    let hypervisor = Libvirt::connect(&support::uri()).await.unwrap();
+    assert!(
+        !hypervisor.list_marked(&pool.name).await.unwrap().is_empty(),
+        "the killed daemon's domain is still there"
+    );
+    let mut daemon = Daemon::start(&config, &log);
+    wait_ready(&mut daemon, &socket).await;
+    assert!(
+        daemon.log().contains("Destroying a domain left by an earlier run"),
+        "{}",
+        daemon.log()
+    );
+    let out = warmpool(&["exec", "--socket", socket_arg, "--", "echo", "after restart"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after restart\n", "{out:?}");
+
+    // SIGTERM stops it cleanly: no domain, no slot file, no socket.
+    daemon.signal("-TERM");
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    assert!(hypervisor.list_marked(&pool.name).await.unwrap().is_empty());
+    assert!(!pool.state_dir.join("pools").join(&pool.name).exists());
+    assert!(!socket.exists());
+
+    // Without a daemon, exec says so.
+    let out = warmpool(&["exec", "--socket", socket_arg, "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Cannot reach the daemon"), "{out:?}");
+    let _ = std::fs::remove_dir_all(&pool.state_dir);
+}
+
+#[test]
+fn check_config_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    let text = r#"
+[[pool]]
+name = "p"
+image = "/i.qcow2"
+arch = "x86_64"
+vcpus = 0
+memory_mib = 512
+slots = 1
+"#;
+    std::fs::write(&config, text).unwrap();
+    let out = warmpool(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pools[0].vcpus"), "{stderr}");
+}
