@@ -133,12 +133,17 @@ pub async fn remove_tree(path: &Path) -> Result<(), DiskError> {
     }
 }
 
-/// Creates a directory that QEMU, running as another user, can pass through but not list.
+/// Creates a directory, and any missing parent, that QEMU, running as another user, can pass
+/// through but not list. The mode is set explicitly: the daemon's umask is not to be trusted.
 pub async fn create_private_dir(path: &Path) -> Result<(), DiskError> {
+    let missing: Vec<&Path> = path.ancestors().take_while(|dir| !dir.exists()).collect();
     tokio::fs::create_dir_all(path).await.map_err(file_error("Create", path))?;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
-        .await
-        .map_err(file_error("Chmod", path))
+    for dir in missing.into_iter().chain(std::iter::once(path)) {
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .await
+            .map_err(file_error("Chmod", dir))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -192,6 +197,22 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DiskError::QemuImg { .. }), "{err}");
         assert!(err.to_string().contains("o.qcow2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn private_dirs_are_passable_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b/c");
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0o077) };
+        let created = create_private_dir(&nested).await;
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        created.unwrap();
+        for path in [dir.path().join("a"), dir.path().join("a/b"), nested] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o711, "{}", path.display());
+        }
     }
 
     #[tokio::test]

@@ -289,6 +289,9 @@ impl Dispatcher {
     /// memory cover the ready count and the jobs still waiting.
     fn dispatch(&mut self) {
         self.queue.retain(|job| !job.events.is_closed());
+        if !self.queue.is_empty() && self.count(SlotState::Quarantined) == self.slots.len() {
+            self.fail_queue_while_quarantined();
+        }
         while let Some(index) = self.find(SlotState::Ready) {
             let Some(job) = self.queue.pop_front() else { break };
             match self.slots[index].commands.try_send(SlotCommand::Assign(job)) {
@@ -309,6 +312,16 @@ impl Dispatcher {
                 break;
             }
             self.slots[index].state = SlotState::Restoring;
+        }
+    }
+
+    /// With every slot quarantined, a waiting job would wait for the next rebuild at best: it
+    /// fails at once with the reason, which is what its submitter needs to know.
+    fn fail_queue_while_quarantined(&mut self) {
+        let error = self.slots.iter().find_map(|slot| slot.error.clone()).unwrap_or_default();
+        let reason = format!("every slot of pool `{}` is quarantined; the last error: {error}", self.name);
+        for job in self.queue.drain(..) {
+            job.fail(&reason);
         }
     }
 

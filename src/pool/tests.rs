@@ -164,3 +164,22 @@ fn acceleration_auto_never_picks_kvm_for_a_foreign_architecture() {
     assert_eq!(resolve_acceleration(Acceleration::Kvm, foreign), Acceleration::Kvm);
     assert_eq!(resolve_acceleration(Acceleration::Tcg, Arch::host()), Acceleration::Tcg);
 }
+
+#[tokio::test]
+async fn jobs_fail_at_once_when_every_slot_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    fake.set_boot(crate::hypervisor::fake::Boot::Silent);
+    let mut config = config(dir.path(), 2, 2);
+    config.boot_timeout_secs = 1;
+    let pool = Pool::start(&config, dir.path(), Arc::new(fake.clone()), Arc::new(Metrics::default()));
+    wait_for(&pool, |status| status.count(SlotState::Quarantined) == 2).await;
+    match last_event(submit(&pool, "exit 0")).await {
+        JobEvent::Failed { reason } => {
+            assert!(reason.contains("every slot of pool `test` is quarantined"), "{reason}");
+            assert!(reason.contains("did not say `ready`"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    pool.shutdown().await;
+}
