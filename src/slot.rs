@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::disk::{self, DiskError};
 use crate::guest::{GuestMessage, JobMessage, JobPort, PortError, Run};
@@ -677,8 +677,12 @@ impl Slot {
     }
 
     async fn try_revert(&mut self) -> Result<(), SlotError> {
+        let began = Instant::now();
         self.hypervisor.destroy(&self.name).await?;
+        let destroy_ms = began.elapsed().as_millis() as u64;
         disk::create_overlay(&self.paths.job_disk, &self.paths.clean_disk).await?;
+        let overlay_ms = began.elapsed().as_millis() as u64 - destroy_ms;
+        debug!(slot = %self.name, destroy_ms, overlay_ms, "Reverted the domain and the job overlay");
         if self.spec.nvram_template.is_some() {
             disk::copy_file(&self.paths.clean_nvram, &self.paths.nvram).await?;
         }

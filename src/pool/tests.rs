@@ -172,7 +172,8 @@ async fn jobs_fail_at_once_when_every_slot_is_quarantined() {
     fake.set_boot(crate::hypervisor::fake::Boot::Silent);
     let mut config = config(dir.path(), 2, 2);
     config.boot_timeout_secs = 1;
-    let pool = Pool::start(&config, dir.path(), Arc::new(fake.clone()), Arc::new(Metrics::default()));
+    let pool =
+        Pool::start(&config, dir.path(), Arc::new(fake.clone()), Arc::new(Metrics::default()));
     wait_for(&pool, |status| status.count(SlotState::Quarantined) == 2).await;
     match last_event(submit(&pool, "exit 0")).await {
         JobEvent::Failed { reason } => {
