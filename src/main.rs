@@ -216,11 +216,18 @@ async fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&pools)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<24} {:<12} {:<8} ERROR", "SLOT", "STATE", "QUEUED");
     for pool in &pools {
+        let labels = pool.labels.join(",");
+        println!(
+            "pool {}: {} slots, {} jobs queued, labels {labels}",
+            pool.name,
+            pool.slots.len(),
+            pool.queued
+        );
+        println!("  {:<28} {:<12} ERROR", "SLOT", "STATE");
         for slot in &pool.slots {
             let error = slot.error.as_deref().unwrap_or("");
-            println!("{:<24} {:<12} {:<8} {error}", slot.name, slot.state.as_str(), pool.queued);
+            println!("  {:<28} {:<12} {error}", slot.name, slot.state.as_str());
         }
     }
     Ok(ExitCode::SUCCESS)
