@@ -92,11 +92,6 @@ impl Control {
         &self.pools
     }
 
-    /// Gives the pools back for shutdown once no connection holds the control.
-    pub fn into_pools(self) -> Vec<Pool> {
-        self.pools
-    }
-
     /// Submits a local job and returns its id, pool and events.
     pub fn submit(
         &self,
@@ -339,6 +334,39 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(response, Response::Error { message: "the daemon has no pools".into() });
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_jobs_of_open_connections() {
+        use crate::hypervisor::fake::FakeHypervisor;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let fake = FakeHypervisor::new();
+        let config = crate::pool::tests::config(dir.path(), 1, 1);
+        let metrics = Arc::new(Metrics::default());
+        let pool = Pool::start(&config, dir.path(), Arc::new(fake.clone()), metrics.clone());
+        let control = Control::new(vec![pool], metrics);
+        let server = tokio::spawn(serve(bind(&path).unwrap(), control.clone()));
+
+        let exec =
+            Request::Exec { pool: None, argv: vec!["sh".into(), "-c".into(), "fake:hang".into()] };
+        let mut client = Client::request(&path, &exec).await.unwrap();
+        assert!(matches!(client.next().await.unwrap(), Some(Response::Queued { .. })));
+        assert!(matches!(client.next().await.unwrap(), Some(Response::Started { .. })));
+
+        // The connection's task still holds the control; shutdown must not wait for it.
+        let stopped = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            crate::daemon::shutdown(&control),
+        );
+        stopped.await.expect("shutdown does not wait for clients");
+        let mut last = None;
+        while let Ok(Some(response)) = client.next().await {
+            last = Some(response);
+        }
+        assert_eq!(last, Some(Response::Failed { reason: "The daemon is shutting down".into() }));
+        assert!(fake.domains().is_empty());
         server.abort();
     }
 

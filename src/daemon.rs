@@ -44,7 +44,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     server.abort();
     let _ = server.await;
     let _ = std::fs::remove_file(&config.control_socket);
-    shutdown(control).await;
+    shutdown(&control).await;
     info!("Daemon stopped");
     Ok(())
 }
@@ -64,18 +64,10 @@ pub async fn start(
     Ok(Control::new(pools, metrics))
 }
 
-/// Shuts every pool down once no connection holds the control any more.
-pub async fn shutdown(mut control: Arc<Control>) {
-    let control = loop {
-        match Arc::try_unwrap(control) {
-            Ok(control) => break control,
-            Err(shared) => {
-                control = shared;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    };
-    for pool in control.into_pools() {
+/// Shuts every pool down: queued jobs fail, running jobs end, slots are removed. Connections
+/// still open hear of their jobs' end and close.
+pub async fn shutdown(control: &Control) {
+    for pool in control.pools() {
         pool.shutdown().await;
     }
 }

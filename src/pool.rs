@@ -52,6 +52,7 @@ impl PoolStatus {
 enum Request {
     Submit(Job),
     Status(oneshot::Sender<PoolStatus>),
+    Shutdown,
 }
 
 /// The handle of a running pool.
@@ -61,7 +62,7 @@ pub struct Pool {
     ready_target: usize,
     requests: mpsc::UnboundedSender<Request>,
     stopping: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -113,7 +114,7 @@ impl Pool {
             ready_target: config.ready as usize,
             requests,
             stopping,
-            task,
+            task: std::sync::Mutex::new(Some(task)),
         }
     }
 
@@ -162,11 +163,15 @@ impl Pool {
 
     /// Fails queued jobs, ends running ones, shuts every slot down (destroying domains and
     /// removing files) and waits for them.
-    pub async fn shutdown(self) {
+    /// Clients may still hold the pool: their jobs end with the rest.
+    pub async fn shutdown(&self) {
         self.stopping.send_replace(true);
-        drop(self.requests);
-        let _ = self.task.await;
-        info!(pool = %self.name, "Pool stopped");
+        let _ = self.requests.send(Request::Shutdown);
+        let task = self.task.lock().expect("pool task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+            info!(pool = %self.name, "Pool stopped");
+        }
     }
 }
 
@@ -261,7 +266,7 @@ impl Dispatcher {
                     Some(Request::Status(reply)) => {
                         let _ = reply.send(self.status());
                     }
-                    None => break,
+                    Some(Request::Shutdown) | None => break,
                 },
                 Some(report) = reports.recv() => self.apply(report),
             }
@@ -384,4 +389,4 @@ impl Dispatcher {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -2,9 +2,9 @@
 //!
 //! Each fake domain is a tokio task listening on the job port path named in its XML and speaking
 //! the guest side of the job-port protocol. The XML it understands is the shape of
-//! [`FAKE_TEMPLATE`]. A job's script chooses the guest's behaviour: `fake:hang`,
-//! `fake:poweroff`, `fake:flood`, `fake:garbage` and `fake:finish-early` misbehave in the named
-//! way; any other script is answered with one log line per line of the script and a `finished`
+//! [`FAKE_TEMPLATE`]. A job's script chooses the guest's behaviour: a script that contains
+//! `fake:hang`, `fake:poweroff`, `fake:flood`, `fake:garbage` or `fake:finish-early` misbehaves
+//! in the named way; any other script is answered with one log line per line of the script and a `finished`
 //! whose exit code is the number after `exit ` in the script, or 0.
 //!
 //! Failures of the hypervisor itself are injected with [`FakeHypervisor::fail`].
@@ -183,7 +183,10 @@ async fn run_job(
     script: &str,
 ) -> std::io::Result<()> {
     let send = |message: serde_json::Value| format!("{message}\n").into_bytes();
-    match script.trim() {
+    const BEHAVIOURS: [&str; 5] =
+        ["fake:hang", "fake:poweroff", "fake:flood", "fake:garbage", "fake:finish-early"];
+    let behaviour = BEHAVIOURS.into_iter().find(|word| script.contains(word)).unwrap_or("");
+    match behaviour {
         "fake:hang" => {
             write.write_all(&send(serde_json::json!({"v":1,"type":"started","job":job}))).await?;
             std::future::pending::<()>().await;

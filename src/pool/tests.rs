@@ -11,7 +11,8 @@ use crate::template::Template;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn config(dir: &Path, slots: u32, ready: u32) -> PoolConfig {
+/// A pool of fake guests on a real one-megabyte image in `dir`.
+pub(crate) fn config(dir: &Path, slots: u32, ready: u32) -> PoolConfig {
     let image = dir.join("image.qcow2");
     let status = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

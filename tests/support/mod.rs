@@ -198,7 +198,7 @@ impl Running {
 
     /// Shuts the pool down and checks that nothing of it is left: no domain, no file.
     pub async fn stop_and_check_clean(mut self) {
-        daemon::shutdown(self.control.take().unwrap()).await;
+        daemon::shutdown(&self.control.take().unwrap()).await;
         let left = self.hypervisor.list_marked(&self.pool).await.unwrap();
         assert!(left.is_empty(), "domains left behind: {left:?}");
         let dir = self.state_dir.join("pools").join(&self.pool);
