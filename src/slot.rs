@@ -279,6 +279,11 @@ pub fn domain_name(pool: &str, index: usize) -> String {
     format!("warmpool-{pool}-{index}")
 }
 
+/// The UUID of a slot's domain: stable, because libvirt keys the TPM state by it.
+pub fn domain_uuid(name: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("warmpool:{name}").as_bytes())
+}
+
 pub struct Slot {
     index: usize,
     name: String,
@@ -312,8 +317,7 @@ impl Slot {
         stopping: watch::Receiver<bool>,
     ) -> Slot {
         let name = domain_name(&spec.pool, index);
-        let uuid =
-            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("warmpool:{name}").as_bytes());
+        let uuid = domain_uuid(&name);
         let paths = SlotPaths::new(spec.dir.join(index.to_string()));
         let backoff = spec.first_backoff;
         Slot {
