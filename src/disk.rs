@@ -146,6 +146,18 @@ pub async fn create_private_dir(path: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Creates a small empty qcow2 image, for tests of what sits on images.
+#[cfg(test)]
+pub(crate) fn test_image(path: &Path) {
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("1M")
+        .status()
+        .expect("qemu-img runs");
+    assert!(status.success(), "qemu-img create {}", path.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,13 +176,7 @@ mod tests {
     async fn overlay_chain_is_image_then_clean_then_job() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("1M")
-            .status()
-            .unwrap();
-        assert!(status.success());
+        test_image(&image);
         let clean = dir.path().join("clean.qcow2");
         let job = dir.path().join("job.qcow2");
         create_overlay(&clean, &image).await.unwrap();

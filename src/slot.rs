@@ -347,13 +347,7 @@ impl Slot {
     /// Boots the pool's guest once straight from its image, as a start without a snapshot
     /// would, and returns the time to `ready`. Leaves nothing behind.
     pub async fn measure_cold_boot(&mut self) -> Result<Duration, SlotError> {
-        disk::remove_tree(&self.paths.dir).await?;
-        disk::create_private_dir(&self.paths.dir).await?;
-        disk::create_overlay(&self.paths.job_disk, &self.spec.image).await?;
-        if let Some(nvram_template) = &self.spec.nvram_template {
-            disk::copy_file(nvram_template, &self.paths.nvram).await?;
-        }
-        let xml = self.render(&self.paths.job_disk)?;
+        let xml = self.prepare_fresh_boot(&self.paths.job_disk).await?;
         let began = Instant::now();
         let booted = self.boot_to_ready(&xml).await;
         let elapsed = began.elapsed();
@@ -467,13 +461,7 @@ impl Slot {
     /// Boots a fresh guest on a new clean overlay, waits for `ready`, saves its memory, and
     /// freezes the overlay.
     async fn try_build(&mut self) -> Result<(), SlotError> {
-        disk::remove_tree(&self.paths.dir).await?;
-        disk::create_private_dir(&self.paths.dir).await?;
-        disk::create_overlay(&self.paths.clean_disk, &self.spec.image).await?;
-        if let Some(nvram_template) = &self.spec.nvram_template {
-            disk::copy_file(nvram_template, &self.paths.nvram).await?;
-        }
-        let xml = self.render(&self.paths.clean_disk)?;
+        let xml = self.prepare_fresh_boot(&self.paths.clean_disk).await?;
         self.boot_to_ready(&xml).await?;
 
         self.port = None;
@@ -488,6 +476,18 @@ impl Slot {
         self.write_restore_xml().await?;
         disk::create_overlay(&self.paths.job_disk, &self.paths.clean_disk).await?;
         Ok(())
+    }
+
+    /// Empties the slot's directory and prepares a boot from the image: an overlay at `disk`
+    /// and fresh firmware variables. Returns the domain XML.
+    async fn prepare_fresh_boot(&self, disk: &Path) -> Result<String, SlotError> {
+        disk::remove_tree(&self.paths.dir).await?;
+        disk::create_private_dir(&self.paths.dir).await?;
+        disk::create_overlay(disk, &self.spec.image).await?;
+        if let Some(nvram_template) = &self.spec.nvram_template {
+            disk::copy_file(nvram_template, &self.paths.nvram).await?;
+        }
+        self.render(disk)
     }
 
     /// Starts a domain and waits until its guest says `ready`, keeping the job port open.

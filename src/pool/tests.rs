@@ -14,13 +14,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A pool of fake guests on a real one-megabyte image in `dir`.
 pub(crate) fn config(dir: &Path, slots: u32, ready: u32) -> PoolConfig {
     let image = dir.join("image.qcow2");
-    let status = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("1M")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::disk::test_image(&image);
     PoolConfig {
         name: "test".into(),
         image,

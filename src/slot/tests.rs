@@ -38,13 +38,7 @@ impl Harness {
     fn start(fake: FakeHypervisor, limits: Limits) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("1M")
-            .status()
-            .unwrap();
-        assert!(status.success());
+        crate::disk::test_image(&image);
         let spec = Arc::new(SlotSpec {
             pool: "test".into(),
             image,
