@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, Instrument};
 
 use crate::config::{Acceleration, Arch, PoolConfig};
 use crate::hypervisor::Hypervisor;
@@ -87,7 +87,8 @@ impl Pool {
                     reports_tx.clone(),
                     stopping_rx.clone(),
                 );
-                let task = tokio::spawn(slot.run(commands_rx));
+                let span = tracing::info_span!("slot", slot = %slot.name(), pool = %config.name);
+                let task = tokio::spawn(slot.run(commands_rx).instrument(span));
                 SlotHandle {
                     name: domain_name(&config.name, index),
                     state: SlotState::Empty,

@@ -391,7 +391,7 @@ impl Slot {
                 Err(e) => e.to_string(),
             },
         };
-        warn!(slot = %self.name, pool = %self.spec.pool, error = %reason, "Ready slot lost its guest");
+        warn!(error = %reason, "Ready slot lost its guest");
         self.revert().await;
         Wake::Changed
     }
@@ -428,10 +428,10 @@ impl Slot {
         let from = self.state;
         debug_assert!(from.can_become(to), "slot transition {from} -> {to}");
         if !from.can_become(to) {
-            error!(slot = %self.name, %from, %to, "Slot made a transition outside its table");
+            error!(%from, %to, "Slot made a transition outside its table");
         }
         let duration_ms = self.since.elapsed().as_millis() as u64;
-        info!(slot = %self.name, pool = %self.spec.pool, %from, %to, duration_ms, "Slot changed state");
+        info!(%from, %to, duration_ms, "Slot changed state");
         self.state = to;
         self.since = Instant::now();
         let error = if to == SlotState::Quarantined { self.error.clone() } else { None };
@@ -447,10 +447,10 @@ impl Slot {
                 self.set_state(SlotState::Saved);
             }
             Err(e) => {
-                error!(slot = %self.name, pool = %self.spec.pool, error = %e, "Building the clean snapshot failed");
+                error!(error = %e, "Building the clean snapshot failed");
                 self.port = None;
                 if let Err(e) = self.hypervisor.destroy(&self.name).await {
-                    warn!(slot = %self.name, error = %e, "Destroying the failed build's domain failed");
+                    warn!(error = %e, "Destroying the failed build's domain failed");
                 }
                 self.error = Some(e.to_string());
                 self.set_state(SlotState::Quarantined);
@@ -561,7 +561,7 @@ impl Slot {
                 }
             }
             Err(e) => {
-                warn!(slot = %self.name, pool = %self.spec.pool, error = %e, "Restoring the clean snapshot failed");
+                warn!(error = %e, "Restoring the clean snapshot failed");
                 self.failures += 1;
                 self.error = Some(e.to_string());
                 self.revert().await;
@@ -580,16 +580,16 @@ impl Slot {
 
     async fn run_job(&mut self, job: Job) {
         self.set_state(SlotState::Running);
-        info!(slot = %self.name, pool = %self.spec.pool, job = %job.id, "Job assigned");
+        info!(job = %job.id, "Job assigned");
         let outcome = self.drive_job(&job).await;
         self.revert_began = Some(Instant::now());
         let event = match outcome {
             Ok(exit_code) => {
-                info!(slot = %self.name, job = %job.id, exit_code, "Job finished");
+                info!(job = %job.id, exit_code, "Job finished");
                 JobEvent::Finished { exit_code }
             }
             Err(failure) => {
-                warn!(slot = %self.name, job = %job.id, error = %failure, "Job failed");
+                warn!(job = %job.id, error = %failure, "Job failed");
                 JobEvent::Failed { reason: failure.to_string() }
             }
         };
@@ -665,7 +665,7 @@ impl Slot {
                     break;
                 }
                 Err(e) => {
-                    warn!(slot = %self.name, pool = %self.spec.pool, error = %e, "Revert failed");
+                    warn!(error = %e, "Revert failed");
                     self.error = Some(e.to_string());
                 }
             }
@@ -674,8 +674,10 @@ impl Slot {
             self.set_state(SlotState::Saved);
             return;
         }
-        error!(slot = %self.name, pool = %self.spec.pool, error = self.error.as_deref().unwrap_or(""),
-            "Slot quarantined after repeated failures");
+        error!(
+            error = self.error.as_deref().unwrap_or(""),
+            "Slot quarantined after repeated failures"
+        );
         self.revert_began = None;
         self.set_state(SlotState::Quarantined);
     }
@@ -686,7 +688,7 @@ impl Slot {
         let destroy_ms = began.elapsed().as_millis() as u64;
         disk::create_overlay(&self.paths.job_disk, &self.paths.clean_disk).await?;
         let overlay_ms = began.elapsed().as_millis() as u64 - destroy_ms;
-        debug!(slot = %self.name, destroy_ms, overlay_ms, "Reverted the domain and the job overlay");
+        debug!(destroy_ms, overlay_ms, "Reverted the domain and the job overlay");
         if self.spec.nvram_template.is_some() {
             disk::copy_file(&self.paths.clean_nvram, &self.paths.nvram).await?;
         }
@@ -700,7 +702,7 @@ impl Slot {
         self.set_state(SlotState::Rebuilding);
         self.failures = 0;
         if let Err(e) = self.remove_everything().await {
-            warn!(slot = %self.name, error = %e, "Clearing the slot for a rebuild failed");
+            warn!(error = %e, "Clearing the slot for a rebuild failed");
         }
         self.set_state(SlotState::Empty);
         self.build().await;
@@ -708,8 +710,8 @@ impl Slot {
 
     async fn shutdown(&mut self) {
         match self.remove_everything().await {
-            Ok(()) => info!(slot = %self.name, pool = %self.spec.pool, "Slot removed"),
-            Err(e) => error!(slot = %self.name, error = %e, "Removing the slot failed"),
+            Ok(()) => info!("Slot removed"),
+            Err(e) => error!(error = %e, "Removing the slot failed"),
         }
     }
 
