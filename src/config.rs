@@ -88,6 +88,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     libvirt_uri: Option<String>,
     control_socket: Option<PathBuf>,
+    api_listen: Option<String>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
 }
@@ -120,6 +121,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub libvirt_uri: String,
     pub control_socket: PathBuf,
+    /// The TCP address of the HTTP API (health and metrics); none serves no HTTP.
+    pub api_listen: Option<std::net::SocketAddr>,
     pub pools: Vec<PoolConfig>,
 }
 
@@ -221,6 +224,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::invalid("libvirt_uri", "expected a URI such as qemu:///system"));
     }
 
+    let api_listen = match raw.api_listen {
+        Some(address) => Some(address.parse().map_err(|_| {
+            ConfigError::invalid(
+                "api_listen",
+                format!("`{address}` is not an address such as 127.0.0.1:9464"),
+            )
+        })?),
+        None => None,
+    };
+
     let mut pools: Vec<PoolConfig> = Vec::with_capacity(raw.pools.len());
     for (index, raw_pool) in raw.pools.into_iter().enumerate() {
         let pool = validate_pool(index, raw_pool)?;
@@ -232,7 +245,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         pools.push(pool);
     }
-    Ok(Config { state_dir, libvirt_uri, control_socket, pools })
+    Ok(Config { state_dir, libvirt_uri, control_socket, api_listen, pools })
 }
 
 fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> {
@@ -403,6 +416,7 @@ mod tests {
         );
         assert_eq!(invalid_field(&format!("{MINIMAL}{MINIMAL}")), "pools[1].name");
         assert_eq!(invalid_field("state_dir = \"/x\""), "pool");
+        assert_eq!(invalid_field(&format!("api_listen = \"localhost\"\n{MINIMAL}")), "api_listen");
     }
 
     #[test]

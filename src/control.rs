@@ -92,6 +92,10 @@ impl Control {
         &self.pools
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Submits a local job and returns its id, pool and events.
     pub fn submit(
         &self,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::api;
 use crate::config::Config;
 use crate::control::{self, Control, ControlError};
 use crate::disk;
@@ -27,6 +28,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error("Cannot listen on {address}: {source}")]
+    Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// Runs the daemon until `stop` completes, then shuts every slot down.
@@ -39,10 +42,22 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
 
     let server = tokio::spawn(control::serve(listener, control.clone()));
+    let api = match config.api_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| DaemonError::Listen { address, source })?;
+            info!(%address, "HTTP API serving");
+            Some(tokio::spawn(api::serve(listener, control.clone())))
+        }
+        None => None,
+    };
     stop.await;
     info!("Daemon stopping");
-    server.abort();
-    let _ = server.await;
+    for task in std::iter::once(server).chain(api) {
+        task.abort();
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&config.control_socket);
     shutdown(&control).await;
     info!("Daemon stopped");

@@ -581,7 +581,10 @@ impl Slot {
     async fn run_job(&mut self, job: Job) {
         self.set_state(SlotState::Running);
         info!(job = %job.id, "Job assigned");
+        self.metrics.record(Series::QueueWait, job.arrived.elapsed());
+        let assigned = Instant::now();
         let outcome = self.drive_job(&job).await;
+        self.metrics.record(Series::Job, assigned.elapsed());
         self.revert_began = Some(Instant::now());
         let event = match outcome {
             Ok(exit_code) => {

@@ -89,6 +89,19 @@ impl Drop for Daemon {
     }
 }
 
+/// One HTTP/1.0 GET on loopback, the whole response as text.
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 fn warmpool(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
@@ -102,7 +115,9 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let _ = std::fs::remove_dir_all(&pool.state_dir);
     std::fs::create_dir_all(&pool.state_dir).unwrap();
     let config = pool.state_dir.join("warmpool.toml");
-    std::fs::write(&config, &pool.text).unwrap();
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(&config, format!("api_listen = \"127.0.0.1:{api_port}\"\n{}", pool.text))
+        .unwrap();
     let log = std::env::temp_dir().join("warmpool-cli-test.log");
     let _ = std::fs::remove_file(&log);
     let socket = pool.config.control_socket.clone();
@@ -129,6 +144,12 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no pool `nope`") && stderr.contains(&pool.name), "{stderr}");
+
+    // Health and metrics over HTTP on loopback.
+    let health = http_get(api_port, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"), "{health}");
+    let metrics = http_get(api_port, "/metrics").await;
+    assert!(metrics.contains("warmpool_jobs_total{result=\"finished\"} 1"), "{metrics}");
 
     let out = warmpool(&["status", "--socket", socket_arg]);
     assert!(out.status.success(), "{out:?}");
