@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
 
 use crate::control::Control;
 use crate::pool::PoolStatus;
@@ -24,19 +25,29 @@ use crate::slot::SlotState;
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// An error as every endpoint reports it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ApiError {
     #[serde(skip)]
+    #[schema(ignore)]
     pub status: StatusCode,
     /// A stable, machine-readable name of the error.
     pub code: &'static str,
     pub message: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ErrorBody<'a> {
     error: &'a ApiError,
 }
+
+/// The OpenAPI description, generated from the handlers and types below.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "warmpool", description = "The warmpool daemon's HTTP API."),
+    paths(health, metrics, openapi),
+    components(schemas(ApiError, Health, PoolHealth))
+)]
+pub struct ApiDoc;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -55,6 +66,7 @@ pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
@@ -67,14 +79,14 @@ pub async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>) {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Health {
     /// `ok`, or `degraded` when some pool has no slot that can take a job.
     status: &'static str,
     pools: Vec<PoolHealth>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PoolHealth {
     name: String,
     slots: usize,
@@ -85,6 +97,10 @@ struct PoolHealth {
 
 /// 200 while every pool can serve, 503 when a pool's slots are all quarantined, so that a
 /// load balancer or an alert can tell a host that takes jobs from one that cannot.
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "Every pool can take jobs", body = Health),
+    (status = 503, description = "Some pool has every slot quarantined", body = Health),
+))]
 async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let pools = pool_statuses(&state.control).await;
     let pools: Vec<PoolHealth> = pools
@@ -103,6 +119,10 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Slots, jobs, durations and API requests in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+))]
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let pools = pool_statuses(&state.control).await;
     let mut text = state.control.metrics().render_prometheus(&pools);
@@ -114,6 +134,14 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         ));
     }
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
+}
+
+/// This description.
+#[utoipa::path(get, path = "/v1/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3 description of this API", content_type = "application/json"),
+))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -229,6 +257,19 @@ mod tests {
             text.contains("warmpool_api_requests_total{route=\"unmatched\",status=\"404\"} 1"),
             "{text}"
         );
+        crate::daemon::shutdown(&control).await;
+    }
+
+    #[tokio::test]
+    async fn the_openapi_description_lists_every_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = control_with(&FakeHypervisor::new(), dir.path()).await;
+        let (status, _, body) = call(&router(control.clone()), "/v1/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        let description: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(description["openapi"].as_str().unwrap().starts_with("3."), "{body}");
+        let paths: Vec<&String> = description["paths"].as_object().unwrap().keys().collect();
+        assert_eq!(paths, ["/healthz", "/metrics", "/v1/openapi.json"]);
         crate::daemon::shutdown(&control).await;
     }
 
