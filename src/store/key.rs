@@ -24,7 +24,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
-use tracing::info;
+use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use super::StoreError;
@@ -193,35 +193,45 @@ impl HostKey {
 }
 
 /// Loads or creates the key at `path` and checks it against the fingerprint that the database
-/// recorded, recording it on first use. A database that has a fingerprint never gets a new key
-/// made for it: its secrets could not be opened with one.
+/// recorded. While the database holds no sealed secret, the fingerprint follows the key; once
+/// it holds one, only the key that sealed it is accepted, and a missing key is not replaced by
+/// a new one, which could open nothing.
 pub(super) fn bind(connection: &mut Connection, path: &Path) -> Result<HostKey, StoreError> {
-    let key_error = |reason: &str| StoreError::Key { path: path.to_owned(), reason: reason.into() };
+    let key_error = |reason: String| StoreError::Key { path: path.to_owned(), reason };
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let recorded: Option<String> = transaction
         .query_row("SELECT value FROM meta WHERE name = ?1", [KEY_ID_ROW], |row| row.get(0))
         .optional()?;
-    let key = match (HostKey::load(path)?, &recorded) {
-        (Some(key), _) => key,
-        (None, None) => HostKey::create(path)?,
-        (None, Some(_)) => {
-            return Err(key_error("it is missing, and the database's secrets were sealed with it"))
+    let sealed: i64 =
+        transaction.query_row("SELECT count(*) FROM tenant_secrets", [], |row| row.get(0))?;
+    let key = match HostKey::load(path)? {
+        Some(key) => key,
+        None if sealed > 0 => {
+            let reason =
+                format!("it is missing, and it sealed the {sealed} secrets in the database");
+            return Err(key_error(reason));
         }
+        None => HostKey::create(path)?,
     };
-    match recorded {
-        Some(id) if id != key.id() => {
-            Err(key_error("it is not the key that sealed the database's secrets"))
+    match recorded.as_deref() {
+        Some(id) if id == key.id() => return Ok(key),
+        Some(_) if sealed > 0 => {
+            let reason =
+                format!("it is not the key that sealed the {sealed} secrets in the database");
+            return Err(key_error(reason));
         }
-        Some(_) => Ok(key),
-        None => {
-            transaction.execute(
-                "INSERT INTO meta (name, value) VALUES (?1, ?2)",
-                [KEY_ID_ROW, key.id()],
-            )?;
-            transaction.commit()?;
-            Ok(key)
+        Some(_) => {
+            warn!(path = %path.display(), "The host key changed; the database held no secrets")
         }
+        None => {}
     }
+    transaction.execute(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        [KEY_ID_ROW, key.id()],
+    )?;
+    transaction.commit()?;
+    Ok(key)
 }
 
 fn check_private(path: &Path, metadata: &std::fs::Metadata) -> Result<(), StoreError> {

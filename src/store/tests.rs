@@ -184,21 +184,42 @@ fn a_key_file_readable_by_others_is_refused() {
 }
 
 #[test]
-fn another_host_key_is_refused_at_open() {
+fn another_host_key_is_refused_once_secrets_are_sealed() {
     let fixture = Fixture::new();
+    let tenant = fixture.tenant("acme");
+    fixture.store.put_secret(&ROOT, &tenant.id, "key", &secret("s")).unwrap();
     std::fs::write(fixture.key(), [9u8; key::KEY_BYTES]).unwrap();
     let err = Store::open(&fixture.database(), &fixture.key()).unwrap_err();
     assert!(matches!(err, StoreError::Key { .. }), "{err:?}");
-    assert!(err.to_string().contains("not the key that sealed"), "{err}");
+    assert!(err.to_string().contains("not the key that sealed the 1 secrets"), "{err}");
 }
 
 #[test]
-fn a_lost_key_is_not_replaced_by_a_new_one() {
+fn a_lost_key_is_not_replaced_once_secrets_are_sealed() {
     let fixture = Fixture::new();
+    let tenant = fixture.tenant("acme");
+    fixture.store.put_secret(&ROOT, &tenant.id, "key", &secret("s")).unwrap();
     std::fs::remove_file(fixture.key()).unwrap();
     let err = Store::open(&fixture.database(), &fixture.key()).unwrap_err();
     assert!(err.to_string().contains("is missing"), "{err}");
     assert!(!fixture.key().exists(), "no new key was made");
+}
+
+#[test]
+fn a_database_without_secrets_takes_a_new_key() {
+    let fixture = Fixture::new();
+    let tenant = fixture.tenant("acme");
+    fixture.store.put_secret(&ROOT, &tenant.id, "key", &secret("s")).unwrap();
+    fixture.store.delete_secret(&ROOT, &tenant.id, "key").unwrap();
+    std::fs::remove_file(fixture.key()).unwrap();
+    let fixture = fixture.reopen();
+    assert!(fixture.key().exists());
+    fixture.store.put_secret(&ROOT, &tenant.id, "key", &secret("new")).unwrap();
+
+    // The new key is the one recorded now: a third key is refused.
+    std::fs::write(fixture.key(), [9u8; key::KEY_BYTES]).unwrap();
+    let err = Store::open(&fixture.database(), &fixture.key()).unwrap_err();
+    assert!(matches!(err, StoreError::Key { .. }), "{err:?}");
 }
 
 // Secrets at rest.
