@@ -4,8 +4,9 @@
 //! from their clean snapshot after every job. The modules follow the words of the design:
 //! [`config`] reads the host configuration, [`hypervisor`] is the VM backend boundary,
 //! [`disk`] handles overlays, [`guest`] speaks the job-port protocol, [`slot`] is the slot state
-//! machine, [`pool`] hands jobs to slots, [`control`] serves local jobs over a unix socket, [`api`] serves
-//! health and metrics over HTTP, and [`daemon`] ties them together for `warmpool serve`.
+//! machine, [`pool`] hands jobs to slots, [`control`] serves local jobs over a unix socket,
+//! [`api`] serves health and metrics over HTTP, [`store`] keeps tenants, secrets, tokens, jobs
+//! and the audit log in SQLite, and [`daemon`] ties them together for `warmpool serve`.
 
 pub mod api;
 pub mod bench;
@@ -18,4 +19,5 @@ pub mod hypervisor;
 pub mod metrics;
 pub mod pool;
 pub mod slot;
+pub mod store;
 pub mod template;
