@@ -20,6 +20,7 @@ use crate::guest::Run;
 use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolStatus};
 use crate::slot::{Job, JobEvent};
+use crate::store::{Actor, Store};
 
 /// The longest request line: a command line for a job, with room to spare.
 pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
@@ -36,6 +37,12 @@ pub enum Request {
     },
     Status,
     Stats,
+    /// Create an API token: for a tenant, or an admin token without one. Root on this socket
+    /// is how an operator gets the first admin token.
+    CreateToken {
+        name: String,
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +55,7 @@ pub enum Response {
     Failed { reason: String },
     Status { pools: Vec<PoolStatus> },
     Stats { stats: Snapshot },
+    Token { id: String, secret: String },
     Error { message: String },
 }
 
@@ -81,11 +89,17 @@ pub struct Control {
     pools: Vec<Pool>,
     metrics: Arc<Metrics>,
     next_job: AtomicU64,
+    /// Where tokens are created for root on the socket; a control without one refuses that.
+    store: Option<Arc<Store>>,
 }
 
 impl Control {
-    pub fn new(pools: Vec<Pool>, metrics: Arc<Metrics>) -> Arc<Control> {
-        Arc::new(Control { pools, metrics, next_job: AtomicU64::new(1) })
+    pub fn new(pools: Vec<Pool>, metrics: Arc<Metrics>) -> Control {
+        Control { pools, metrics, next_job: AtomicU64::new(1), store: None }
+    }
+
+    pub fn with_store(self, store: Arc<Store>) -> Control {
+        Control { store: Some(store), ..self }
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -221,6 +235,9 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
         Request::Stats => {
             let _ = send(&mut write, &Response::Stats { stats: control.metrics.snapshot() }).await;
         }
+        Request::CreateToken { name, tenant } => {
+            let _ = send(&mut write, &create_token(&control, name, tenant).await).await;
+        }
         Request::Exec { pool, argv } => {
             let (job, pool, mut events) = match control.submit(pool.as_deref(), &argv) {
                 Ok(submitted) => submitted,
@@ -248,6 +265,21 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
                 }
             }
         }
+    }
+}
+
+async fn create_token(control: &Control, name: String, tenant: Option<String>) -> Response {
+    let Some(store) = &control.store else {
+        return Response::Error { message: "this daemon has no store".into() };
+    };
+    let create =
+        move |store: &Store| store.create_token(&Actor::LocalRoot, tenant.as_deref(), &name);
+    match store.call(create).await {
+        Ok(issued) => Response::Token {
+            id: issued.token.id,
+            secret: issued.plaintext.expose_str().unwrap_or_default().to_owned(),
+        },
+        Err(e) => Response::Error { message: e.to_string() },
     }
 }
 
@@ -321,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let listener = bind(&path).unwrap();
-        let control = Control::new(Vec::new(), Arc::new(Metrics::default()));
+        let control = Arc::new(Control::new(Vec::new(), Arc::new(Metrics::default())));
         let server = tokio::spawn(serve(listener, control));
 
         for request in [b"{nonsense\n".to_vec(), vec![b'x'; MAX_REQUEST_BYTES as usize + 10]] {
@@ -350,7 +382,7 @@ mod tests {
         let config = crate::pool::tests::config(dir.path(), 1, 1);
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::start(&config, dir.path(), Arc::new(fake.clone()), metrics.clone());
-        let control = Control::new(vec![pool], metrics);
+        let control = Arc::new(Control::new(vec![pool], metrics));
         let server = tokio::spawn(serve(bind(&path).unwrap(), control.clone()));
 
         let exec =

@@ -15,6 +15,12 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::store::{Actor, Store, StoreError};
+
+/// The daemon's database in the state directory.
+pub const DATABASE_FILE: &str = "warmpool.db";
+/// The key that encrypts tenant secrets, created on first start with mode 0600.
+pub const HOST_KEY_FILE: &str = "host.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -28,6 +34,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("Cannot listen on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -36,8 +44,10 @@ pub enum DaemonError {
 pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
     check_files(&config)?;
     let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&config.libvirt_uri).await?);
+    let store = open_store(&config).await?;
     let metrics = Arc::new(Metrics::default());
-    let control = start(&config, hypervisor, metrics).await?;
+    let control = start(&config, hypervisor, metrics).await?.with_store(store.clone());
+    let control = Arc::new(control);
     let listener = control::bind(&config.control_socket)?;
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
 
@@ -48,7 +58,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
                 .await
                 .map_err(|source| DaemonError::Listen { address, source })?;
             info!(%address, "HTTP API serving");
-            Some(tokio::spawn(api::serve(listener, control.clone())))
+            Some(tokio::spawn(api::serve(listener, control.clone(), store.clone())))
         }
         None => None,
     };
@@ -64,12 +74,31 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     Ok(())
 }
 
+/// Opens the store in the state directory, with the host key beside it, and records the
+/// configured pools.
+pub async fn open_store(config: &Config) -> Result<Arc<Store>, DaemonError> {
+    disk::create_private_dir(&config.state_dir).await?;
+    let database = config.state_dir.join(DATABASE_FILE);
+    let key = config.state_dir.join(HOST_KEY_FILE);
+    let pools: Vec<String> = config.pools.iter().map(|pool| pool.name.clone()).collect();
+    let store = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&database, &key)?;
+        for pool in &pools {
+            store.upsert_pool(&Actor::Daemon, pool, 0)?;
+        }
+        Ok::<_, StoreError>(store)
+    })
+    .await
+    .map_err(|_| StoreError::Cancelled)??;
+    Ok(Arc::new(store))
+}
+
 /// Clears leftovers of earlier runs and starts every pool.
 pub async fn start(
     config: &Config,
     hypervisor: Arc<dyn Hypervisor>,
     metrics: Arc<Metrics>,
-) -> Result<Arc<Control>, DaemonError> {
+) -> Result<Control, DaemonError> {
     disk::create_private_dir(&config.state_dir).await?;
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {

@@ -57,6 +57,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create an API token through the control socket (root only); the secret is printed once.
+    TokenCreate {
+        #[arg(long, env = "WARMPOOL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// A name for the token, such as the person or system that uses it.
+        #[arg(long)]
+        name: String,
+        /// The tenant the token acts for; without it, an admin token.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Check a configuration file and exit non-zero if it is invalid.
     CheckConfig {
         #[arg(long, env = "WARMPOOL_CONFIG")]
@@ -123,6 +134,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Exec { socket, pool, command } => exec(&socket, pool, command).await,
         Command::Status { socket, json } => status(&socket, json).await,
+        Command::TokenCreate { socket, name, tenant } => {
+            match Client::call(&socket, &Request::CreateToken { name, tenant }).await? {
+                Response::Token { id, secret } => {
+                    eprintln!("warmpool: token {id} created; its secret is shown only now");
+                    println!("{secret}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Response::Error { message } => anyhow::bail!("{message}"),
+                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
         Command::CheckConfig { config } => {
             let (config, origin) = load_config(config.as_deref())?;
             println!("{origin}: valid, {} pool(s)", config.pools.len());

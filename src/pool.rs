@@ -26,7 +26,7 @@ use crate::slot::{
 /// Commands a slot may have queued: one decision and a shutdown, with room to spare.
 const SLOT_QUEUE: usize = 8;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     pub name: String,
     pub labels: Vec<String>,
@@ -35,7 +35,7 @@ pub struct PoolStatus {
     pub slots: Vec<SlotStatus>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SlotStatus {
     pub name: String,
     pub state: SlotState,

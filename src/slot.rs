@@ -51,7 +51,17 @@ pub const JOB_PORT_NAME: &str = "org.warmpool.job.0";
 const SWTPM_STATE_ROOT: &str = "/var/lib/libvirt/swtpm";
 
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum SlotState {

@@ -32,7 +32,7 @@ const MAX_ID_LEN: usize = 128;
 /// The page size of a [`JobFilter`] that does not choose one.
 const DEFAULT_PAGE: u32 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -143,7 +143,7 @@ pub struct NewJob {
     pub pool: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub id: String,
     pub tenant_id: String,

@@ -13,7 +13,7 @@ use super::{StoreError, TenantKind};
 /// The longest URL a setting may hold.
 const MAX_URL_LEN: usize = 2048;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TenantSettings {
     Github(GithubSettings),
@@ -23,7 +23,7 @@ pub enum TenantSettings {
 
 /// A GitHub organisation, user or enterprise, or one repository of it, reached through a
 /// GitHub App installation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GithubSettings {
     /// The account the App is installed on.
     pub owner: String,
@@ -38,7 +38,7 @@ pub struct GithubSettings {
 }
 
 /// An Azure DevOps organisation and the agent pool whose jobs the host takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AzureSettings {
     /// As `https://dev.azure.com/contoso`.
     pub organization_url: String,
@@ -46,7 +46,7 @@ pub struct AzureSettings {
 }
 
 /// A local tenant's jobs are commands sent through the API: there is nothing to set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LocalSettings {}
 
 impl TenantSettings {

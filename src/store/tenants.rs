@@ -17,7 +17,7 @@ pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_CONCURRENT_JOBS: u32 = 4096;
 const MAX_NAME_LEN: usize = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TenantKind {
     Github,
@@ -53,7 +53,7 @@ impl FromSql for TenantKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: String,
     pub name: String,

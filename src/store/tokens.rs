@@ -29,7 +29,7 @@ const MAX_NAME_LEN: usize = 128;
 const LAST_USED_RESOLUTION_MS: i64 = 60_000;
 
 /// A token as the store knows it: never its plaintext or its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ApiToken {
     pub id: String,
     /// `None` for an admin token.

@@ -122,6 +122,7 @@ initrd = "{guest}/initrd.img"
         let control = daemon::start(&self.config, hypervisor.clone(), Arc::new(Metrics::default()))
             .await
             .unwrap();
+        let control = Arc::new(control);
         Running {
             control: Some(control),
             hypervisor,

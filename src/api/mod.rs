@@ -1,0 +1,240 @@
+//! The HTTP API, on the TCP address of the configuration's `api_listen`.
+//!
+//! Monitoring needs no credentials: `GET /healthz`, and `GET /metrics` in Prometheus text
+//! format. The `/v1` resources ([`resources`]) take bearer tokens. Errors, unknown routes
+//! included, share one JSON body: `{"error": {"code": "…", "message": "…", "field": "…"}}`.
+//! Each request runs as its own tokio task (axum's model); store calls run on the blocking pool,
+//! and pools are read through the same handles the control socket uses.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::control::Control;
+use crate::pool::{PoolStatus, SlotStatus};
+use crate::slot::SlotState;
+use crate::store::Store;
+
+pub mod resources;
+
+/// The largest request body: tenant settings and names are small.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An error as every endpoint reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ApiError {
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub status: StatusCode,
+    /// A stable, machine-readable name of the error.
+    pub code: &'static str,
+    pub message: String,
+    /// The request field the error is about, when it is about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), field: None }
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field.to_owned()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct ErrorBody<'a> {
+    error: &'a ApiError,
+}
+
+/// The OpenAPI description, generated from the handlers and types below.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "warmpool", description = "The warmpool daemon's HTTP API."),
+    paths(
+        health, metrics, openapi,
+        resources::list_tenants, resources::create_tenant, resources::get_tenant,
+        resources::update_tenant, resources::delete_tenant,
+        resources::list_tokens, resources::create_token, resources::revoke_token,
+        resources::list_jobs, resources::get_job, resources::list_pools,
+    ),
+    components(schemas(ApiError, Health, PoolHealth, PoolStatus, SlotStatus, SlotState)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components
+            .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: &self })).into_response()
+    }
+}
+
+pub struct ApiState {
+    control: Arc<Control>,
+    store: Arc<Store>,
+    /// Requests served, by route template and status code.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
+    use resources::*;
+    let state = Arc::new(ApiState { control, store, requests: Mutex::default() });
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{id}", get(get_tenant).patch(update_tenant).delete(delete_tenant))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/pools", get(list_pools))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>, store: Arc<Store>) {
+    if let Err(e) = axum::serve(listener, router(control, store)).await {
+        tracing::error!(error = %e, "The HTTP API stopped");
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`, or `degraded` when some pool has no slot that can take a job.
+    status: &'static str,
+    pools: Vec<PoolHealth>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct PoolHealth {
+    name: String,
+    slots: usize,
+    ready: usize,
+    quarantined: usize,
+    queued: usize,
+}
+
+/// 200 while every pool can serve, 503 when a pool's slots are all quarantined, so that a
+/// load balancer or an alert can tell a host that takes jobs from one that cannot.
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "Every pool can take jobs", body = Health),
+    (status = 503, description = "Some pool has every slot quarantined", body = Health),
+))]
+async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    let pools = pool_statuses(&state.control).await;
+    let pools: Vec<PoolHealth> = pools
+        .iter()
+        .map(|pool| PoolHealth {
+            name: pool.name.clone(),
+            slots: pool.slots.len(),
+            ready: pool.count(SlotState::Ready),
+            quarantined: pool.count(SlotState::Quarantined),
+            queued: pool.queued,
+        })
+        .collect();
+    let degraded = pools.iter().any(|pool| pool.quarantined == pool.slots);
+    let status = if degraded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let body = Health { status: if degraded { "degraded" } else { "ok" }, pools };
+    (status, Json(body)).into_response()
+}
+
+/// Slots, jobs, durations and API requests in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+))]
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let pools = pool_statuses(&state.control).await;
+    let mut text = state.control.metrics().render_prometheus(&pools);
+    text.push_str("# HELP warmpool_api_requests_total HTTP API requests by route and status.\n");
+    text.push_str("# TYPE warmpool_api_requests_total counter\n");
+    for ((route, status), count) in state.requests.lock().expect("request counters").iter() {
+        text.push_str(&format!(
+            "warmpool_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
+}
+
+/// This description.
+#[utoipa::path(get, path = "/v1/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3 description of this API", content_type = "application/json"),
+))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    let message = format!("{} is not allowed on {}", request.method(), request.uri().path());
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+}
+
+/// Counts requests by their route template, never by raw path: paths are unbounded.
+async fn count_requests(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let response = next.run(request).await;
+    let key = (route, response.status().as_u16());
+    *state.requests.lock().expect("request counters").entry(key).or_default() += 1;
+    response
+}
+
+pub(crate) async fn pool_statuses(control: &Control) -> Vec<PoolStatus> {
+    let mut statuses = Vec::with_capacity(control.pools().len());
+    for pool in control.pools() {
+        if let Some(status) = pool.status().await {
+            statuses.push(status);
+        }
+    }
+    statuses
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+//! The `/v1` resources: tenants, tokens, jobs and pools, behind bearer tokens.
+//!
+//! An admin token sees and changes everything. A tenant token sees its own tenant, its own
+//! tokens and its own jobs, and nothing else: another tenant's resources answer 404, so their
+//! existence does not leak, and what only an admin may do answers 403.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiError, ApiState};
+use crate::pool::PoolStatus;
+use crate::store::{
+    ApiToken, Grant, JobCursor, JobFilter, JobRecord, JobState, NewTenant, Role, StoreError,
+    Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS,
+};
+
+/// Maps every store error to its status and code: the one place that decides them.
+pub fn store_error_status(error: &StoreError) -> (StatusCode, &'static str) {
+    match error {
+        StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+        StoreError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+        StoreError::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
+        StoreError::Transition { .. } => (StatusCode::CONFLICT, "conflict"),
+        StoreError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
+        StoreError::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        StoreError::File { .. }
+        | StoreError::Sqlite(_)
+        | StoreError::Journal { .. }
+        | StoreError::Migration { .. }
+        | StoreError::SchemaTooNew { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::KeyFile { .. }
+        | StoreError::Key { .. }
+        | StoreError::Crypto { .. }
+        | StoreError::Random(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        let (status, code) = store_error_status(&error);
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            // The details are for the operator's log, not for the caller.
+            tracing::error!(error = %error, "Store failed during an API request");
+            return ApiError::new(status, code, "internal error; see the daemon's log");
+        }
+        let field = match &error {
+            StoreError::Invalid { field, .. } => Some(field.clone()),
+            StoreError::Conflict { field, .. } => Some((*field).to_owned()),
+            _ => None,
+        };
+        ApiError { field, ..ApiError::new(status, code, error.to_string()) }
+    }
+}
+
+/// The caller, from its bearer token.
+pub struct Caller(pub Grant);
+
+impl Caller {
+    fn is_admin(&self) -> bool {
+        self.0.role == Role::Admin
+    }
+
+    /// Whether the caller may see resources of `tenant_id`.
+    fn sees(&self, tenant_id: Option<&str>) -> bool {
+        match &self.0.role {
+            Role::Admin => true,
+            Role::Tenant(own) => tenant_id == Some(own.as_str()),
+        }
+    }
+
+    fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this needs an admin token"))
+        }
+    }
+}
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Caller, ApiError> {
+        let unauthorized =
+            |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("a bearer token is required"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?
+            .trim()
+            .to_owned();
+        let grant = state.store.call(move |store| store.verify_token(&token)).await?;
+        grant.map(Caller).ok_or_else(|| unauthorized("the token is unknown or revoked"))
+    }
+}
+
+/// A JSON body whose every rejection (bad JSON, wrong type, too large) is an [`ApiError`].
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body<T>, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "invalid",
+    };
+    let status =
+        if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
+    ApiError::new(status, code, rejection.body_text())
+}
+
+fn not_found(what: &str, id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("No {what} `{id}`"))
+}
+
+// --- tenants -------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// 1 to 64 of a-z, 0-9, `-` and `_`, starting with a letter.
+    #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
+    name: String,
+    kind: TenantKind,
+    /// Kind-specific settings: for `github`, `owner`, `app_id`, `installation_id` and optionally
+    /// `repository` and `api_url`; for `azure`, `organization_url` and `agent_pool`; for
+    /// `local`, nothing.
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    settings: serde_json::Value,
+    /// The tenant's share of a full host relative to others, 1 to 1000.
+    #[serde(default = "default_weight")]
+    #[schema(minimum = 1, maximum = 1000)]
+    weight: u32,
+    /// At most this many of the tenant's jobs run at once; 0 stops new ones.
+    #[serde(default = "default_max_jobs")]
+    #[schema(minimum = 0, maximum = 4096)]
+    max_concurrent_jobs: u32,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_max_jobs() -> u32 {
+    MAX_CONCURRENT_JOBS
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
+    name: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    settings: Option<serde_json::Value>,
+    #[schema(minimum = 1, maximum = 1000)]
+    weight: Option<u32>,
+    #[schema(minimum = 0, maximum = 4096)]
+    max_concurrent_jobs: Option<u32>,
+}
+
+/// Lists the tenants the caller may see.
+#[utoipa::path(get, path = "/v1/tenants", security(("bearer" = [])), responses(
+    (status = 200, body = Vec<Tenant>), (status = 401, body = ErrorResponse),
+))]
+pub async fn list_tenants(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Vec<Tenant>>, ApiError> {
+    let tenants = state.store.call(|store| store.list_tenants()).await?;
+    Ok(Json(tenants.into_iter().filter(|tenant| caller.sees(Some(&tenant.id))).collect()))
+}
+
+/// Registers a tenant (admin only).
+#[utoipa::path(post, path = "/v1/tenants", security(("bearer" = [])), request_body = CreateTenant, responses(
+    (status = 201, body = Tenant), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+    (status = 403, body = ErrorResponse), (status = 409, body = ErrorResponse), (status = 413, body = ErrorResponse),
+(status = 415, body = ErrorResponse),
+))]
+pub async fn create_tenant(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Body(body): Body<CreateTenant>,
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+    caller.require_admin()?;
+    let actor = caller.0.actor();
+    let new = NewTenant {
+        name: body.name,
+        kind: body.kind,
+        settings: body.settings,
+        weight: body.weight,
+        max_concurrent_jobs: body.max_concurrent_jobs,
+    };
+    let tenant = state.store.call(move |store| store.create_tenant(&actor, new)).await?;
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+/// Shows a tenant.
+#[utoipa::path(get, path = "/v1/tenants/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 200, body = Tenant), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn get_tenant(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    Ok(Json(state.store.call(move |store| store.get_tenant(&id)).await?))
+}
+
+/// Changes a tenant's name, settings, weight or quota (admin only).
+#[utoipa::path(patch, path = "/v1/tenants/{id}", security(("bearer" = [])), params(("id" = String, Path)),
+    request_body = UpdateTenant, responses(
+    (status = 200, body = Tenant), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+    (status = 403, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse),
+    (status = 413, body = ErrorResponse),
+(status = 415, body = ErrorResponse),
+))]
+pub async fn update_tenant(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(body): Body<UpdateTenant>,
+) -> Result<Json<Tenant>, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    caller.require_admin()?;
+    let actor = caller.0.actor();
+    let change = TenantChange {
+        name: body.name,
+        settings: body.settings,
+        weight: body.weight,
+        max_concurrent_jobs: body.max_concurrent_jobs,
+    };
+    Ok(Json(state.store.call(move |store| store.update_tenant(&actor, &id, change)).await?))
+}
+
+/// Removes a tenant with its secrets, tokens and finished jobs (admin only).
+#[utoipa::path(delete, path = "/v1/tenants/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 204), (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
+    (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse),
+))]
+pub async fn delete_tenant(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    caller.require_admin()?;
+    let actor = caller.0.actor();
+    state.store.call(move |store| store.delete_tenant(&actor, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// --- tokens --------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    #[schema(min_length = 1, max_length = 128)]
+    name: String,
+    /// The tenant the token acts for; none makes an admin token (admin only).
+    tenant_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedToken {
+    token: ApiToken,
+    /// The token itself: shown this once, stored only as a hash.
+    secret: String,
+}
+
+/// Lists the tokens the caller may see (never their secrets).
+#[utoipa::path(get, path = "/v1/tokens", security(("bearer" = [])), responses(
+    (status = 200, body = Vec<ApiToken>), (status = 401, body = ErrorResponse),
+))]
+pub async fn list_tokens(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Vec<ApiToken>>, ApiError> {
+    let tenant = match &caller.0.role {
+        Role::Admin => None,
+        Role::Tenant(id) => Some(id.clone()),
+    };
+    Ok(Json(state.store.call(move |store| store.list_tokens(tenant.as_deref())).await?))
+}
+
+/// Creates a token; its secret is in the answer and nowhere else.
+#[utoipa::path(post, path = "/v1/tokens", security(("bearer" = [])), request_body = CreateToken, responses(
+    (status = 201, body = CreatedToken), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+    (status = 403, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 413, body = ErrorResponse),
+(status = 415, body = ErrorResponse),
+))]
+pub async fn create_token(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Body(body): Body<CreateToken>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    match &body.tenant_id {
+        None => caller.require_admin()?,
+        Some(tenant) if !caller.sees(Some(tenant)) => return Err(not_found("tenant", tenant)),
+        Some(_) => {}
+    }
+    let actor = caller.0.actor();
+    let issued = state
+        .store
+        .call(move |store| store.create_token(&actor, body.tenant_id.as_deref(), &body.name))
+        .await?;
+    let secret = issued.plaintext.expose_str().unwrap_or_default().to_owned();
+    Ok((StatusCode::CREATED, Json(CreatedToken { token: issued.token, secret })))
+}
+
+/// Revokes a token at once.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 204), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn revoke_token(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = match &caller.0.role {
+        Role::Admin => None,
+        Role::Tenant(own) => Some(own.clone()),
+    };
+    let token_id = id.clone();
+    let visible = state.store.call(move |store| store.list_tokens(tenant.as_deref())).await?;
+    if !visible.iter().any(|token| token.id == token_id) {
+        return Err(not_found("token", &id));
+    }
+    let actor = caller.0.actor();
+    state.store.call(move |store| store.revoke_token(&actor, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// --- jobs ----------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobQuery {
+    tenant: Option<String>,
+    state: Option<JobState>,
+    /// Only jobs queued at or after this time, in milliseconds since the Unix epoch.
+    since_ms: Option<i64>,
+    /// Only jobs queued before this time.
+    before_ms: Option<i64>,
+    /// The `next` cursor of the previous page.
+    #[param(pattern = r"^[1-9][0-9]{0,18}$")]
+    after: Option<String>,
+    /// At most this many jobs, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    jobs: Vec<JobRecord>,
+    /// Pass as `after` for the next page; absent on the last page.
+    next: Option<String>,
+}
+
+/// Lists jobs, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", security(("bearer" = [])), params(JobQuery), responses(
+    (status = 200, body = JobList), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+))]
+pub async fn list_jobs(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()))?;
+    let tenant_id = match (&caller.0.role, query.tenant) {
+        (Role::Admin, tenant) => tenant,
+        (Role::Tenant(own), Some(asked)) if asked != *own => {
+            return Ok(Json(JobList { jobs: vec![], next: None }))
+        }
+        (Role::Tenant(own), _) => Some(own.clone()),
+    };
+    let after = query.after.as_deref().map(str::parse::<JobCursor>).transpose()?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=crate::store::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("{limit} is not within 1..={}", crate::store::MAX_PAGE),
+        ));
+    }
+    let filter = JobFilter {
+        tenant_id,
+        state: query.state,
+        queued_since_ms: query.since_ms,
+        queued_before_ms: query.before_ms,
+        after,
+        limit,
+    };
+    let page = state.store.call(move |store| store.list_jobs(&filter)).await?;
+    Ok(Json(JobList { jobs: page.jobs, next: page.next.map(|cursor| cursor.to_string()) }))
+}
+
+/// Shows one job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 200, body = JobRecord), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn get_job(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    let lookup = id.clone();
+    let job = state.store.call(move |store| store.get_job(&lookup)).await?;
+    if !caller.sees(Some(&job.tenant_id)) {
+        return Err(not_found("job", &id));
+    }
+    Ok(Json(job))
+}
+
+// --- pools ---------------------------------------------------------------------------------
+
+/// The pools of this host and the state of every slot.
+#[utoipa::path(get, path = "/v1/pools", security(("bearer" = [])), responses(
+    (status = 200, body = Vec<PoolStatus>), (status = 401, body = ErrorResponse),
+))]
+pub async fn list_pools(
+    State(state): State<Arc<ApiState>>,
+    _caller: Caller,
+) -> Json<Vec<PoolStatus>> {
+    Json(super::pool_statuses(&state.control).await)
+}
+
+/// The error body, for the OpenAPI description.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorResponse {
+    error: ApiError,
+}

@@ -1,0 +1,477 @@
+//! Handler tests without sockets: requests go straight into the router, pools run on the fake
+//! hypervisor and the store is a real SQLite file in a temp dir.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Method, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::*;
+use crate::hypervisor::fake::{Boot, FakeHypervisor};
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::store::{Actor, Store};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    control: Arc<Control>,
+    store: Arc<Store>,
+    router: Router,
+    admin: String,
+}
+
+impl Fixture {
+    async fn new(boot: Boot) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeHypervisor::new();
+        fake.set_boot(boot);
+        let mut config = crate::pool::tests::config(dir.path(), 1, 1);
+        config.boot_timeout_secs = 1;
+        let metrics = Arc::new(Metrics::default());
+        let pool = Pool::start(&config, dir.path(), Arc::new(fake), metrics.clone());
+        pool.built().await;
+        let control = Arc::new(Control::new(vec![pool], metrics));
+        let store = Arc::new(Store::open(&dir.path().join("db"), &dir.path().join("key")).unwrap());
+        store.upsert_pool(&Actor::Daemon, "test", 0).unwrap();
+        let admin = store.create_token(&Actor::LocalRoot, None, "admin").unwrap();
+        let admin = admin.plaintext.expose_str().unwrap().to_owned();
+        let router = router(control.clone(), store.clone());
+        Fixture { _dir: dir, control, store, router, admin }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = axum::http::Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        };
+        let (status, _, text) = self.raw(request.unwrap()).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn raw(&self, request: axum::http::Request<Body>) -> (StatusCode, String, String) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, content_type, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String, String) {
+        self.raw(axum::http::Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+    /// Creates a local tenant and a token for it; returns (tenant id, token).
+    async fn tenant(&self, name: &str) -> (String, String) {
+        let (status, tenant) = self
+            .call(
+                Method::POST,
+                "/v1/tenants",
+                Some(&self.admin),
+                Some(json!({"name": name, "kind": "local"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{tenant}");
+        let id = tenant["id"].as_str().unwrap().to_owned();
+        let body = json!({"name": format!("{name}-token"), "tenant_id": id});
+        let (status, token) =
+            self.call(Method::POST, "/v1/tokens", Some(&self.admin), Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{token}");
+        (id, token["secret"].as_str().unwrap().to_owned())
+    }
+
+    async fn stop(self) {
+        crate::daemon::shutdown(&self.control).await;
+    }
+}
+
+#[tokio::test]
+async fn health_is_ok_with_a_ready_slot_and_503_when_all_are_quarantined() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (status, _, body) = fixture.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"status\":\"ok\"") && body.contains("\"ready\":1"), "{body}");
+    fixture.stop().await;
+
+    let fixture = Fixture::new(Boot::Silent).await;
+    let (status, _, body) = fixture.get("/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("\"status\":\"degraded\""), "{body}");
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_count_requests_by_route() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    fixture.get("/healthz").await;
+    fixture.get("/no/such/thing").await;
+    let (status, content_type, text) = fixture.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, PROMETHEUS_TEXT);
+    assert!(text.contains("warmpool_slots{pool=\"test\",state=\"ready\"} 1"), "{text}");
+    assert!(text.contains("warmpool_build_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("warmpool_api_requests_total{route=\"/healthz\",status=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warmpool_api_requests_total{route=\"unmatched\",status=\"404\"} 1"),
+        "{text}"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_description_lists_every_route() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (status, _, body) = fixture.get("/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let description: Value = serde_json::from_str(&body).unwrap();
+    assert!(description["openapi"].as_str().unwrap().starts_with("3."), "{body}");
+    let paths: Vec<&String> = description["paths"].as_object().unwrap().keys().collect();
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/pools",
+        "/v1/tenants/{id}",
+        "/v1/tokens/{id}",
+    ] {
+        assert!(paths.iter().any(|p| *p == path), "{path} missing from {paths:?}");
+    }
+    assert_eq!(description["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn errors_share_one_json_body() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (status, body) = fixture.call(Method::GET, "/v1/nothing", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+    assert_eq!(body["error"]["message"], "no route GET /v1/nothing");
+
+    let (status, body) = fixture.call(Method::PUT, "/v1/tenants", Some(&fixture.admin), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+
+    let bad_kind = json!({"name": "x", "kind": "gitlab"});
+    let (status, body) =
+        fixture.call(Method::POST, "/v1/tenants", Some(&fixture.admin), Some(bad_kind)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid")),
+        "{body}"
+    );
+
+    let bad_settings =
+        json!({"name": "gh", "kind": "github", "settings": {"owner": "o", "app_id": 1}});
+    let (status, body) =
+        fixture.call(Method::POST, "/v1/tenants", Some(&fixture.admin), Some(bad_settings)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["field"], "settings.installation_id", "{body}");
+
+    let huge = json!({"name": "x".repeat(MAX_BODY_BYTES), "kind": "local"});
+    let (status, body) =
+        fixture.call(Method::POST, "/v1/tenants", Some(&fixture.admin), Some(huge)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")),
+        "{body}"
+    );
+
+    let (status, body) =
+        fixture.call(Method::GET, "/v1/jobs?limit=0", Some(&fixture.admin), None).await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("limit")),
+        "{body}"
+    );
+    let (status, _) =
+        fixture.call(Method::GET, "/v1/jobs?after=nonsense", Some(&fixture.admin), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    fixture
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&fixture.admin),
+            Some(json!({"name": "dup", "kind": "local"})),
+        )
+        .await;
+    let (status, body) = fixture
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&fixture.admin),
+            Some(json!({"name": "dup", "kind": "local"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::CONFLICT, Some("name")),
+        "{body}"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_bad_tokens_get_401_and_revoked_ones_stop_working() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    for token in [None, Some("wp_nonsense"), Some("")] {
+        let (status, body) = fixture.call(Method::GET, "/v1/tenants", token, None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+            "{token:?}"
+        );
+    }
+    let (_, token) = fixture.tenant("acme").await;
+    let (status, _) = fixture.call(Method::GET, "/v1/tenants", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, tokens) = fixture.call(Method::GET, "/v1/tokens", Some(&token), None).await;
+    let id = tokens[0]["id"].as_str().unwrap().to_owned();
+    let (status, _) =
+        fixture.call(Method::DELETE, &format!("/v1/tokens/{id}"), Some(&token), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = fixture.call(Method::GET, "/v1/tenants", Some(&token), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_token_never_reads_or_changes_another_tenant() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (acme, acme_token) = fixture.tenant("acme").await;
+    let (globex, _) = fixture.tenant("globex").await;
+    fixture
+        .store
+        .record_job(
+            &Actor::Daemon,
+            crate::store::NewJob {
+                id: "globex-job".into(),
+                tenant_id: globex.clone(),
+                pool: "test".into(),
+            },
+        )
+        .unwrap();
+    let me = Some(acme_token.as_str());
+
+    // Its own tenant, and only it.
+    let (status, list) = fixture.call(Method::GET, "/v1/tenants", me, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> =
+        list.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [acme.as_str()]);
+    assert_eq!(
+        fixture.call(Method::GET, &format!("/v1/tenants/{acme}"), me, None).await.0,
+        StatusCode::OK
+    );
+
+    // The other tenant does not exist for it, whatever it tries.
+    let other = format!("/v1/tenants/{globex}");
+    assert_eq!(fixture.call(Method::GET, &other, me, None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        fixture.call(Method::PATCH, &other, me, Some(json!({"weight": 5}))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(fixture.call(Method::DELETE, &other, me, None).await.0, StatusCode::NOT_FOUND);
+    let steal = json!({"name": "stolen", "tenant_id": globex});
+    assert_eq!(
+        fixture.call(Method::POST, "/v1/tokens", me, Some(steal)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        fixture.call(Method::GET, "/v1/jobs/globex-job", me, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, jobs) = fixture.call(Method::GET, &format!("/v1/jobs?tenant={globex}"), me, None).await;
+    assert_eq!(jobs["jobs"], json!([]));
+    let (_, tokens) = fixture.call(Method::GET, "/v1/tokens", me, None).await;
+    assert!(tokens.as_array().unwrap().iter().all(|t| t["tenant_id"] == json!(acme)), "{tokens}");
+    let (_, admin_tokens) =
+        fixture.call(Method::GET, "/v1/tokens", Some(&fixture.admin), None).await;
+    for token in admin_tokens.as_array().unwrap().iter().filter(|t| t["tenant_id"] != json!(acme)) {
+        let path = format!("/v1/tokens/{}", token["id"].as_str().unwrap());
+        assert_eq!(fixture.call(Method::DELETE, &path, me, None).await.0, StatusCode::NOT_FOUND);
+    }
+
+    // What only an admin may do is forbidden, not hidden.
+    let create = json!({"name": "new", "kind": "local"});
+    assert_eq!(
+        fixture.call(Method::POST, "/v1/tenants", me, Some(create)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let own = format!("/v1/tenants/{acme}");
+    assert_eq!(
+        fixture.call(Method::PATCH, &own, me, Some(json!({"weight": 500}))).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let admin_token = json!({"name": "escalate"});
+    assert_eq!(
+        fixture.call(Method::POST, "/v1/tokens", me, Some(admin_token)).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    // And the other tenant is untouched.
+    let (_, globex_now) = fixture.call(Method::GET, &other, Some(&fixture.admin), None).await;
+    assert_eq!(globex_now["weight"], 1);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_manages_tenants_and_pages_through_jobs() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let admin = Some(fixture.admin.as_str());
+    let (acme, _) = fixture.tenant("acme").await;
+    let (status, tenant) = fixture
+        .call(Method::PATCH, &format!("/v1/tenants/{acme}"), admin, Some(json!({"weight": 7})))
+        .await;
+    assert_eq!((status, tenant["weight"].as_u64()), (StatusCode::OK, Some(7)));
+    for i in 0..5 {
+        let job = crate::store::NewJob {
+            id: format!("job-{i}"),
+            tenant_id: acme.clone(),
+            pool: "test".into(),
+        };
+        fixture.store.record_job(&Actor::Daemon, job).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/jobs?limit=2".to_owned();
+    loop {
+        let (status, page) = fixture.call(Method::GET, &path, admin, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(
+            page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/jobs?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["job-0", "job-1", "job-2", "job-3", "job-4"]);
+    let (status, pools) = fixture.call(Method::GET, "/v1/pools", admin, None).await;
+    assert_eq!((status, pools[0]["slots"][0]["state"].as_str()), (StatusCode::OK, Some("ready")));
+
+    let (status, _) =
+        fixture.call(Method::DELETE, &format!("/v1/tenants/{acme}"), admin, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a tenant with unfinished jobs stays");
+    fixture.stop().await;
+}
+
+#[test]
+fn every_store_error_maps_to_its_status() {
+    use crate::store::{JobState, StoreError};
+    let io = || std::io::Error::other("x");
+    let cases: Vec<(StoreError, StatusCode, &str)> = vec![
+        (
+            StoreError::NotFound { what: "tenant", id: "t".into() },
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            StoreError::Conflict { what: "tenant", field: "name", value: "n".into() },
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            StoreError::InUse { what: "tenant", id: "t".into(), reason: "r".into() },
+            StatusCode::CONFLICT,
+            "in_use",
+        ),
+        (
+            StoreError::Invalid { field: "f".into(), reason: "r".into() },
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            StoreError::Transition {
+                job: "j".into(),
+                from: JobState::Finished,
+                to: JobState::Queued,
+            },
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (StoreError::Cancelled, StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (
+            StoreError::File { path: "/p".into(), source: io() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Sqlite(rusqlite::Error::InvalidQuery),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Journal { mode: "delete".into() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Migration { version: 1, name: "m", source: rusqlite::Error::InvalidQuery },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::SchemaTooNew { found: 9, known: 1 },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Corrupt { what: "tenant", id: "t".into(), reason: "r".into() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::KeyFile { path: "/k".into(), source: io() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Key { path: "/k".into(), reason: "r".into() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+        (
+            StoreError::Crypto { tenant: "t".into(), name: "n".into() },
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+        ),
+    ];
+    for (error, status, code) in cases {
+        assert_eq!(resources::store_error_status(&error), (status, code), "{error:?}");
+        let api: ApiError = error.into();
+        assert_eq!((api.status, api.code), (status, code));
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            assert_eq!(
+                api.message, "internal error; see the daemon's log",
+                "internals stay in the log"
+            );
+        }
+    }
+}
