@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::guest::Run;
 use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolStatus};
-use crate::slot::{Job, JobEvent};
-use crate::store::{Actor, Store};
+use crate::slot::{Job, JobEvent, JobFailure};
+use crate::store::{Actor, JobTransition, NewJob, Store};
 
 /// The longest request line: a command line for a job, with room to spare.
 pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
@@ -62,7 +62,7 @@ pub enum Response {
 impl From<JobEvent> for Response {
     fn from(event: JobEvent) -> Response {
         match event {
-            JobEvent::Started { slot } => Response::Started { slot },
+            JobEvent::Started { slot, .. } => Response::Started { slot },
             JobEvent::Log { line } => Response::Log { line },
             JobEvent::Finished { exit_code } => Response::Finished { exit_code },
             JobEvent::Failed { reason } => Response::Failed { reason },
@@ -89,17 +89,27 @@ pub struct Control {
     pools: Vec<Pool>,
     metrics: Arc<Metrics>,
     next_job: AtomicU64,
-    /// Where tokens are created for root on the socket; a control without one refuses that.
+    /// Where local jobs are recorded and tokens created for root on the socket; a control
+    /// without one records nothing and refuses tokens.
     store: Option<Arc<Store>>,
+    /// The tenant that local jobs belong to in the store.
+    local_tenant: String,
 }
 
 impl Control {
     pub fn new(pools: Vec<Pool>, metrics: Arc<Metrics>) -> Control {
-        Control { pools, metrics, next_job: AtomicU64::new(1), store: None }
+        Control {
+            pools,
+            metrics,
+            next_job: AtomicU64::new(1),
+            store: None,
+            local_tenant: String::new(),
+        }
     }
 
-    pub fn with_store(self, store: Arc<Store>) -> Control {
-        Control { store: Some(store), ..self }
+    /// Records local jobs in `store` as jobs of the tenant `local_tenant`.
+    pub fn with_store(self, store: Arc<Store>, local_tenant: String) -> Control {
+        Control { store: Some(store), local_tenant, ..self }
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -110,8 +120,8 @@ impl Control {
         &self.metrics
     }
 
-    /// Submits a local job and returns its id, pool and events.
-    pub fn submit(
+    /// Records a local job, submits it, and returns its id, pool and events.
+    pub async fn submit(
         &self,
         pool: Option<&str>,
         argv: &[String],
@@ -128,9 +138,37 @@ impl Control {
         };
         let sequence = self.next_job.fetch_add(1, Ordering::Relaxed);
         let id = format!("local-{}-{sequence}", uuid::Uuid::new_v4().simple());
+        if let Some(store) = &self.store {
+            let new = NewJob {
+                id: id.clone(),
+                tenant_id: self.local_tenant.clone(),
+                pool: pool.name().to_owned(),
+            };
+            store
+                .call(move |store| store.record_job(&Actor::LocalRoot, new))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let (events, events_rx) = mpsc::channel(JOB_EVENTS);
         pool.submit(Job::new(id.clone(), Run::script(&shell_command(argv)), events));
         Ok((id, pool.name().to_owned(), events_rx))
+    }
+
+    /// Records a job's progress; a store failure is logged and the job goes on.
+    async fn record(&self, job: &str, transitions: Vec<JobTransition>) {
+        let Some(store) = &self.store else { return };
+        let id = job.to_owned();
+        let recorded = store
+            .call(move |store| {
+                for transition in transitions {
+                    store.transition_job(&Actor::Daemon, &id, transition)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = recorded {
+            warn!(job, error = %e, "Recording the job's progress failed");
+        }
     }
 
     async fn status(&self) -> Vec<PoolStatus> {
@@ -239,7 +277,7 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
             let _ = send(&mut write, &create_token(&control, name, tenant).await).await;
         }
         Request::Exec { pool, argv } => {
-            let (job, pool, mut events) = match control.submit(pool.as_deref(), &argv) {
+            let (job, pool, mut events) = match control.submit(pool.as_deref(), &argv).await {
                 Ok(submitted) => submitted,
                 Err(message) => {
                     let _ = send(&mut write, &Response::Error { message }).await;
@@ -247,24 +285,40 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
                 }
             };
             info!(job = %job, pool = %pool, "Local job queued");
-            if send(&mut write, &Response::Queued { job, pool }).await.is_err() {
-                return;
-            }
+            let queued = Response::Queued { job: job.clone(), pool };
             // Dropping `events` when the client hangs up cancels the job.
             let mut hangup = reader.into_inner().into_inner();
             let mut byte = [0u8; 1];
-            loop {
+            let mut client_gone = send(&mut write, &queued).await.is_err();
+            let mut ended = false;
+            while !client_gone && !ended {
                 tokio::select! {
                     event = events.recv() => {
                         let Some(event) = event else { break };
-                        if send(&mut write, &event.into()).await.is_err() {
-                            break;
-                        }
+                        ended = matches!(event, JobEvent::Finished { .. } | JobEvent::Failed { .. });
+                        control.record(&job, progress(&event)).await;
+                        client_gone = send(&mut write, &event.into()).await.is_err();
                     }
-                    _ = hangup.read(&mut byte) => break,
+                    _ = hangup.read(&mut byte) => client_gone = true,
                 }
             }
+            if !ended {
+                let reason = JobFailure::Cancelled.to_string();
+                control.record(&job, vec![JobTransition::Fail { reason }]).await;
+            }
         }
+    }
+}
+
+/// The store transitions an event stands for.
+fn progress(event: &JobEvent) -> Vec<JobTransition> {
+    match event {
+        JobEvent::Started { index, .. } => {
+            vec![JobTransition::Assign { slot_index: *index as u32 }, JobTransition::Start]
+        }
+        JobEvent::Log { .. } => vec![],
+        JobEvent::Finished { exit_code } => vec![JobTransition::Finish { exit_code: *exit_code }],
+        JobEvent::Failed { reason } => vec![JobTransition::Fail { reason: reason.clone() }],
     }
 }
 

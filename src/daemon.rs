@@ -15,12 +15,18 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::store::{Actor, Store, StoreError};
+use crate::slot::SlotState;
+use crate::store::{
+    Actor, JobFilter, JobState, JobTransition, NewTenant, Store, StoreError, TenantKind,
+    MAX_CONCURRENT_JOBS, MAX_PAGE,
+};
 
 /// The daemon's database in the state directory.
 pub const DATABASE_FILE: &str = "warmpool.db";
 /// The key that encrypts tenant secrets, created on first start with mode 0600.
 pub const HOST_KEY_FILE: &str = "host.key";
+/// The tenant that jobs sent through the control socket belong to.
+pub const LOCAL_TENANT: &str = "local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -44,9 +50,10 @@ pub enum DaemonError {
 pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
     check_files(&config)?;
     let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&config.libvirt_uri).await?);
-    let store = open_store(&config).await?;
+    let (store, local_tenant) = open_store(&config).await?;
     let metrics = Arc::new(Metrics::default());
-    let control = start(&config, hypervisor, metrics).await?.with_store(store.clone());
+    let control =
+        start(&config, hypervisor, metrics).await?.with_store(store.clone(), local_tenant);
     let control = Arc::new(control);
     let listener = control::bind(&config.control_socket)?;
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
@@ -74,23 +81,66 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     Ok(())
 }
 
-/// Opens the store in the state directory, with the host key beside it, and records the
-/// configured pools.
-pub async fn open_store(config: &Config) -> Result<Arc<Store>, DaemonError> {
+/// Opens the store in the state directory, with the host key beside it, records the
+/// configured pools, and returns it with the id of the tenant that local jobs belong to.
+pub async fn open_store(config: &Config) -> Result<(Arc<Store>, String), DaemonError> {
     disk::create_private_dir(&config.state_dir).await?;
     let database = config.state_dir.join(DATABASE_FILE);
     let key = config.state_dir.join(HOST_KEY_FILE);
-    let pools: Vec<String> = config.pools.iter().map(|pool| pool.name.clone()).collect();
-    let store = tokio::task::spawn_blocking(move || {
+    let pools: Vec<(String, u32)> =
+        config.pools.iter().map(|pool| (pool.name.clone(), pool.slots)).collect();
+    let opened = tokio::task::spawn_blocking(move || {
         let store = Store::open(&database, &key)?;
-        for pool in &pools {
+        // Jobs name the slot they ran on, so every slot has its row; each starts empty, as
+        // the daemon rebuilds every slot at start.
+        for (pool, slots) in &pools {
             store.upsert_pool(&Actor::Daemon, pool, 0)?;
+            for index in 0..*slots {
+                store.upsert_slot(&Actor::Daemon, pool, index, SlotState::Empty, None)?;
+            }
         }
-        Ok::<_, StoreError>(store)
+        fail_unfinished_jobs(&store)?;
+        let local = local_tenant(&store)?;
+        Ok::<_, StoreError>((store, local))
     })
     .await
     .map_err(|_| StoreError::Cancelled)??;
-    Ok(Arc::new(store))
+    Ok((Arc::new(opened.0), opened.1))
+}
+
+/// Jobs that were queued or running when the daemon stopped cannot be resumed: their slots are
+/// rebuilt at start. They are recorded as failed, with the reason.
+fn fail_unfinished_jobs(store: &Store) -> Result<(), StoreError> {
+    for state in [JobState::Queued, JobState::Assigned, JobState::Started] {
+        loop {
+            let filter = JobFilter { state: Some(state), limit: MAX_PAGE, ..JobFilter::default() };
+            let page = store.list_jobs(&filter)?;
+            if page.jobs.is_empty() {
+                break;
+            }
+            for job in page.jobs {
+                let reason = "The daemon stopped before the job ended".to_owned();
+                store.transition_job(&Actor::Daemon, &job.id, JobTransition::Fail { reason })?;
+                warn!(job = %job.id, "Recorded a job the daemon lost as failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tenant of jobs sent through the control socket, created on first start.
+fn local_tenant(store: &Store) -> Result<String, StoreError> {
+    if let Some(tenant) = store.list_tenants()?.into_iter().find(|t| t.name == LOCAL_TENANT) {
+        return Ok(tenant.id);
+    }
+    let new = NewTenant {
+        name: LOCAL_TENANT.into(),
+        kind: TenantKind::Local,
+        settings: serde_json::json!({}),
+        weight: 1,
+        max_concurrent_jobs: MAX_CONCURRENT_JOBS,
+    };
+    Ok(store.create_tenant(&Actor::Daemon, new)?.id)
 }
 
 /// Clears leftovers of earlier runs and starts every pool.
@@ -163,4 +213,39 @@ fn check_files(config: &Config) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewJob;
+
+    #[test]
+    fn jobs_a_stopped_daemon_lost_are_recorded_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &dir.path().join("key")).unwrap();
+        store.upsert_pool(&Actor::Daemon, "p", 0).unwrap();
+        store.upsert_slot(&Actor::Daemon, "p", 0, SlotState::Empty, None).unwrap();
+        let tenant = local_tenant(&store).unwrap();
+        assert_eq!(local_tenant(&store).unwrap(), tenant, "the local tenant is made once");
+        for id in ["queued", "running", "done"] {
+            let new = NewJob { id: id.into(), tenant_id: tenant.clone(), pool: "p".into() };
+            store.record_job(&Actor::LocalRoot, new).unwrap();
+        }
+        for transition in [JobTransition::Assign { slot_index: 0 }, JobTransition::Start] {
+            store.transition_job(&Actor::Daemon, "running", transition.clone()).unwrap();
+            store.transition_job(&Actor::Daemon, "done", transition).unwrap();
+        }
+        store
+            .transition_job(&Actor::Daemon, "done", JobTransition::Finish { exit_code: 0 })
+            .unwrap();
+
+        fail_unfinished_jobs(&store).unwrap();
+        for id in ["queued", "running"] {
+            let job = store.get_job(id).unwrap();
+            assert_eq!(job.state, JobState::Failed, "{id}");
+            assert_eq!(job.failure.as_deref(), Some("The daemon stopped before the job ended"));
+        }
+        assert_eq!(store.get_job("done").unwrap().state, JobState::Finished);
+    }
 }

@@ -202,7 +202,7 @@ impl Job {
 /// What a job's submitter hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEvent {
-    Started { slot: String },
+    Started { slot: String, index: usize },
     Log { line: String },
     Finished { exit_code: i32 },
     Failed { reason: String },
@@ -637,7 +637,7 @@ impl Slot {
             }));
         }
         self.metrics.record(Series::Assign, job.arrived.elapsed());
-        let started = JobEvent::Started { slot: self.name.clone() };
+        let started = JobEvent::Started { slot: self.name.clone(), index: self.index };
         relay(job, started, deadline).await.map_err(|_| timeout_or_cancel(job, max_secs))?;
 
         loop {

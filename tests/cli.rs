@@ -91,12 +91,16 @@ impl Drop for Daemon {
 
 /// One HTTP/1.0 GET on loopback, the whole response as text.
 async fn http_get(port: u16, path: &str) -> String {
+    http_get_with(port, path, None).await
+}
+
+/// The same, with a bearer token.
+async fn http_get_with(port: u16, path: &str, token: Option<&str>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
@@ -151,6 +155,14 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let metrics = http_get(api_port, "/metrics").await;
     assert!(metrics.contains("warmpool_jobs_total{result=\"finished\"} 1"), "{metrics}");
 
+    // Root gets an admin token on the socket; the API shows the job it ran.
+    let out = warmpool(&["token-create", "--socket", socket_arg, "--name", "test-admin"]);
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let jobs = http_get_with(api_port, "/v1/jobs", Some(&token)).await;
+    assert!(jobs.contains("\"state\":\"finished\"") && jobs.contains("\"exit_code\":7"), "{jobs}");
+    assert!(http_get(api_port, "/v1/jobs").await.contains("401"), "no token, no jobs");
+
     let out = warmpool(&["status", "--socket", socket_arg]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)));
@@ -173,6 +185,9 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     );
     let out = warmpool(&["exec", "--socket", socket_arg, "--", "echo", "after restart"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after restart\n", "{out:?}");
+    // The token and the job history outlive the killed daemon.
+    let jobs = http_get_with(api_port, "/v1/jobs", Some(&token)).await;
+    assert!(jobs.contains("\"exit_code\":7") && jobs.contains("\"exit_code\":0"), "{jobs}");
 
     // SIGTERM stops it cleanly: no domain, no slot file, no socket.
     daemon.signal("-TERM");

@@ -71,7 +71,7 @@ async fn a_qemu_killed_mid_job_ends_in_a_reverted_ready_slot() {
     running.settle(SlotState::Ready).await;
 
     let argv = vec!["sh".to_owned(), "-c".to_owned(), "echo running; sleep 600".to_owned()];
-    let (_job, _pool, mut events) = running.control().submit(None, &argv).unwrap();
+    let (_job, _pool, mut events) = running.control().submit(None, &argv).await.unwrap();
     // Wait for the job's first output, then kill QEMU as the OOM killer would.
     loop {
         match tokio::time::timeout(support::SETTLE_TIMEOUT, events.recv()).await.unwrap() {

@@ -233,7 +233,7 @@ async fn job_output_and_exit_code_reach_the_submitter() {
     assert_eq!(
         events,
         vec![
-            JobEvent::Started { slot: "warmpool-test-0".into() },
+            JobEvent::Started { slot: "warmpool-test-0".into(), index: 0 },
             JobEvent::Log { line: "echo one".into() },
             JobEvent::Log { line: "exit 7".into() },
             JobEvent::Finished { exit_code: 7 },

@@ -168,7 +168,7 @@ impl Running {
     /// Runs a shell script in a slot and collects its events.
     pub async fn run(&self, script: &str) -> Outcome {
         let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
-        let (_job, _pool, events) = self.control().submit(None, &argv).unwrap();
+        let (_job, _pool, events) = self.control().submit(None, &argv).await.unwrap();
         collect(events).await
     }
 
@@ -223,7 +223,7 @@ pub async fn collect(mut events: mpsc::Receiver<JobEvent>) -> Outcome {
     let ended = tokio::time::timeout(SETTLE_TIMEOUT, async {
         while let Some(event) = events.recv().await {
             match event {
-                JobEvent::Started { slot } => outcome.slot = Some(slot),
+                JobEvent::Started { slot, .. } => outcome.slot = Some(slot),
                 JobEvent::Log { line } => outcome.lines.push(line),
                 JobEvent::Finished { exit_code } => outcome.exit_code = Some(exit_code),
                 JobEvent::Failed { reason } => outcome.failure = Some(reason),
