@@ -57,16 +57,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create an API token through the control socket (root only); the secret is printed once.
-    TokenCreate {
-        #[arg(long, env = "WARMPOOL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
-        socket: PathBuf,
-        /// A name for the token, such as the person or system that uses it.
-        #[arg(long)]
-        name: String,
-        /// The tenant the token acts for; without it, an admin token.
-        #[arg(long)]
-        tenant: Option<String>,
+    /// Tenants: add, list, show, update, remove (over the API).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// API tokens: create, list, revoke. Without an API token, `create` asks the daemon's
+    /// control socket, which is how root gets the first admin token.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Pools of this host (over the API).
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Slots of every pool (over the API).
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Jobs: list and show (over the API).
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Check a configuration file and exit non-zero if it is invalid.
     CheckConfig {
@@ -89,6 +114,104 @@ enum Command {
         /// Print one JSON object (the default prints it too; this keeps stdout to it alone).
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// How the commands that use the HTTP API find it.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The API address (else WARMPOOL_API, the client configuration, or http://127.0.0.1:9464).
+    #[arg(long, global = true)]
+    api: Option<String>,
+    /// The API token (else WARMPOOL_TOKEN or the client configuration).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Register a tenant.
+    Add {
+        name: String,
+        /// github, azure or local.
+        #[arg(long)]
+        kind: String,
+        /// Kind-specific settings as JSON, e.g. '{"owner":"acme","app_id":1,"installation_id":2}'.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+        #[arg(long)]
+        weight: Option<u32>,
+        #[arg(long)]
+        max_jobs: Option<u32>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        settings: Option<String>,
+        #[arg(long)]
+        weight: Option<u32>,
+        #[arg(long)]
+        max_jobs: Option<u32>,
+    },
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once, on stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The tenant the token acts for; without it, an admin token.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The control socket, used when no API token is given.
+        #[arg(long, env = "WARMPOOL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    List,
+}
+
+#[derive(Subcommand)]
+enum SlotCommand {
+    List,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// queued, assigned, started, finished or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The cursor printed after the previous page.
+        #[arg(long)]
+        after: Option<String>,
+    },
+    Show {
+        id: String,
     },
 }
 
@@ -134,17 +257,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Exec { socket, pool, command } => exec(&socket, pool, command).await,
         Command::Status { socket, json } => status(&socket, json).await,
-        Command::TokenCreate { socket, name, tenant } => {
-            match Client::call(&socket, &Request::CreateToken { name, tenant }).await? {
-                Response::Token { id, secret } => {
-                    eprintln!("warmpool: token {id} created; its secret is shown only now");
-                    println!("{secret}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Response::Error { message } => anyhow::bail!("{message}"),
-                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-            }
-        }
+        Command::Tenant { command, api } => cli::tenant(command, api).await,
+        Command::Token { command, api } => cli::token(command, api).await,
+        Command::Pool { command: PoolCommand::List, api } => cli::pools(api).await,
+        Command::Slot { command: SlotCommand::List, api } => cli::slots(api).await,
+        Command::Job { command, api } => cli::job(command, api).await,
         Command::CheckConfig { config } => {
             let (config, origin) = load_config(config.as_deref())?;
             println!("{origin}: valid, {} pool(s)", config.pools.len());
@@ -253,4 +370,215 @@ async fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The commands over the HTTP API: each one request, a table or JSON, errors as one line.
+mod cli {
+    use std::process::ExitCode;
+
+    use hyper::Method;
+    use serde_json::{json, Value};
+    use warmpool::client::{table, ApiClient};
+    use warmpool::control::{Client, Request, Response};
+
+    use super::{ApiArgs, JobCommand, TenantCommand, TokenCommand};
+
+    fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::resolve(api.api.clone(), api.token.clone())?)
+    }
+
+    fn text(value: &Value) -> String {
+        match value {
+            Value::Null => "-".into(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Prints `value` as JSON, or the `columns` of each row as a table.
+    fn show(api: &ApiArgs, value: &Value, columns: &[&str]) {
+        if api.json {
+            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+            return;
+        }
+        let rows: Vec<&Value> = match value {
+            Value::Array(items) => items.iter().collect(),
+            single => vec![single],
+        };
+        let rows: Vec<Vec<String>> =
+            rows.iter().map(|row| columns.iter().map(|c| text(&row[*c])).collect()).collect();
+        let header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+        println!("{}", table(&header.iter().map(String::as_str).collect::<Vec<_>>(), &rows));
+    }
+
+    fn settings(text: &str) -> anyhow::Result<Value> {
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--settings is not JSON: {e}"))
+    }
+
+    const TENANT_COLUMNS: &[&str] = &["id", "name", "kind", "weight", "max_concurrent_jobs"];
+
+    pub async fn tenant(command: TenantCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let client = client(&api)?;
+        match command {
+            TenantCommand::Add { name, kind, settings: s, weight, max_jobs } => {
+                let mut body = json!({"name": name, "kind": kind, "settings": settings(&s)?});
+                if let Some(weight) = weight {
+                    body["weight"] = weight.into();
+                }
+                if let Some(max_jobs) = max_jobs {
+                    body["max_concurrent_jobs"] = max_jobs.into();
+                }
+                let tenant = client.call(Method::POST, "/v1/tenants", Some(body)).await?;
+                show(&api, &tenant, TENANT_COLUMNS);
+            }
+            TenantCommand::List => {
+                show(&api, &client.call(Method::GET, "/v1/tenants", None).await?, TENANT_COLUMNS)
+            }
+            TenantCommand::Show { id } => {
+                let tenant = client.call(Method::GET, &format!("/v1/tenants/{id}"), None).await?;
+                if api.json {
+                    show(&api, &tenant, &[]);
+                } else {
+                    show(&api, &tenant, TENANT_COLUMNS);
+                    println!("settings: {}", tenant["settings"]);
+                }
+            }
+            TenantCommand::Update { id, name, settings: s, weight, max_jobs } => {
+                let mut body = json!({});
+                if let Some(name) = name {
+                    body["name"] = name.into();
+                }
+                if let Some(s) = s {
+                    body["settings"] = settings(&s)?;
+                }
+                if let Some(weight) = weight {
+                    body["weight"] = weight.into();
+                }
+                if let Some(max_jobs) = max_jobs {
+                    body["max_concurrent_jobs"] = max_jobs.into();
+                }
+                let tenant =
+                    client.call(Method::PATCH, &format!("/v1/tenants/{id}"), Some(body)).await?;
+                show(&api, &tenant, TENANT_COLUMNS);
+            }
+            TenantCommand::Remove { id } => {
+                client.call(Method::DELETE, &format!("/v1/tenants/{id}"), None).await?;
+                eprintln!("warmpool: tenant {id} removed");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn token(command: TokenCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let client = client(&api)?;
+        match command {
+            TokenCommand::Create { name, tenant, socket } if !client.has_token() => {
+                match Client::call(&socket, &Request::CreateToken { name, tenant }).await? {
+                    Response::Token { id, secret } => print_secret(&api, &id, &secret),
+                    Response::Error { message } => anyhow::bail!("{message}"),
+                    other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                }
+            }
+            TokenCommand::Create { name, tenant, .. } => {
+                let body = json!({"name": name, "tenant_id": tenant});
+                let created = client.call(Method::POST, "/v1/tokens", Some(body)).await?;
+                let id = text(&created["token"]["id"]);
+                print_secret(&api, &id, created["secret"].as_str().unwrap_or_default());
+            }
+            TokenCommand::List => {
+                let tokens = client.call(Method::GET, "/v1/tokens", None).await?;
+                show(&api, &tokens, &["id", "name", "tenant_id", "created_at_ms", "revoked_at_ms"]);
+            }
+            TokenCommand::Revoke { id } => {
+                client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+                eprintln!("warmpool: token {id} revoked");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn print_secret(api: &ApiArgs, id: &str, secret: &str) {
+        if api.json {
+            println!("{}", json!({"id": id, "secret": secret}));
+        } else {
+            eprintln!("warmpool: token {id} created; its secret is shown only now");
+            println!("{secret}");
+        }
+    }
+
+    pub async fn pools(api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let pools = client(&api)?.call(Method::GET, "/v1/pools", None).await?;
+        if api.json {
+            show(&api, &pools, &[]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let rows: Vec<Value> = pools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|pool| {
+                let slots = pool["slots"].as_array().map_or(0, Vec::len);
+                let ready = pool["slots"].as_array().into_iter().flatten().filter(|s| s["state"] == "ready").count();
+                json!({"name": pool["name"], "slots": slots, "ready": ready, "queued": pool["queued"], "labels": pool["labels"]})
+            })
+            .collect();
+        show(&api, &Value::Array(rows), &["name", "slots", "ready", "queued", "labels"]);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn slots(api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let pools = client(&api)?.call(Method::GET, "/v1/pools", None).await?;
+        let rows: Vec<Value> = pools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|pool| {
+                pool["slots"].as_array().into_iter().flatten().map(move |slot| {
+                    json!({"pool": pool["name"], "name": slot["name"], "state": slot["state"], "error": slot["error"]})
+                })
+            })
+            .collect();
+        show(&api, &Value::Array(rows), &["pool", "name", "state", "error"]);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    const JOB_COLUMNS: &[&str] =
+        &["id", "tenant_id", "pool", "slot_index", "state", "exit_code", "failure"];
+
+    pub async fn job(command: JobCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let client = client(&api)?;
+        match command {
+            JobCommand::List { tenant, state, limit, after } => {
+                let query: Vec<String> = [
+                    ("tenant", tenant),
+                    ("state", state),
+                    ("limit", limit.map(|l| l.to_string())),
+                    ("after", after),
+                ]
+                .into_iter()
+                .filter_map(|(key, value)| value.map(|value| format!("{key}={value}")))
+                .collect();
+                let path = if query.is_empty() {
+                    "/v1/jobs".to_owned()
+                } else {
+                    format!("/v1/jobs?{}", query.join("&"))
+                };
+                let page = client.call(Method::GET, &path, None).await?;
+                if api.json {
+                    show(&api, &page, &[]);
+                } else {
+                    show(&api, &page["jobs"], JOB_COLUMNS);
+                    if let Some(next) = page["next"].as_str() {
+                        println!("more: --after {next}");
+                    }
+                }
+            }
+            JobCommand::Show { id } => show(
+                &api,
+                &client.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?,
+                JOB_COLUMNS,
+            ),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
 }

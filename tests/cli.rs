@@ -156,12 +156,48 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     assert!(metrics.contains("warmpool_jobs_total{result=\"finished\"} 1"), "{metrics}");
 
     // Root gets an admin token on the socket; the API shows the job it ran.
-    let out = warmpool(&["token-create", "--socket", socket_arg, "--name", "test-admin"]);
+    let out = warmpool(&["token", "create", "--socket", socket_arg, "--name", "test-admin"]);
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let jobs = http_get_with(api_port, "/v1/jobs", Some(&token)).await;
     assert!(jobs.contains("\"state\":\"finished\"") && jobs.contains("\"exit_code\":7"), "{jobs}");
     assert!(http_get(api_port, "/v1/jobs").await.contains("401"), "no token, no jobs");
+
+    // The CLI over the API, with the endpoint and token from the environment.
+    let api = format!("http://127.0.0.1:{api_port}");
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("WARMPOOL_API", &api)
+            .env("WARMPOOL_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["tenant", "add", "acme", "--kind", "local", "--weight", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&["tenant", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.starts_with("ID") && listed.contains("acme") && listed.contains("local"),
+        "{listed}"
+    );
+    let out = cli(&["tenant", "add", "bad", "--kind", "github", "--settings", "{\"owner\":\"o\"}"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("settings.app_id"), "{stderr}");
+    let out = cli(&["job", "list", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["jobs"][0]["exit_code"], 7, "{page}");
+    let out = cli(&["slot", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)), "{out:?}");
+    let out = Command::new(BIN)
+        .args(["job", "list"])
+        .env("WARMPOOL_API", &api)
+        .env("WARMPOOL_TOKEN", "wp_bad")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown or revoked"), "{out:?}");
 
     let out = warmpool(&["status", "--socket", socket_arg]);
     assert!(out.status.success(), "{out:?}");

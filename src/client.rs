@@ -1,0 +1,206 @@
+//! The CLI's client of the HTTP API.
+//!
+//! The endpoint and token come from, in order: the command-line flags, the environment
+//! (`WARMPOOL_API`, `WARMPOOL_TOKEN`), and the client configuration file
+//! (`$WARMPOOL_CLIENT_CONFIG`, else `~/.config/warmpool/client.toml`) with the keys `api` and
+//! `token`. Errors from the API come back as [`ClientError::Api`], whose message is the one line
+//! an operator needs.
+
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Where the daemon's API listens unless told otherwise: the address the README suggests.
+pub const DEFAULT_API: &str = "http://127.0.0.1:9464";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("Cannot read the client configuration {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("`{0}` is not an API address such as http://127.0.0.1:9464")]
+    Endpoint(String),
+    #[error("Cannot reach the API at {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("No API token: give --token, set WARMPOOL_TOKEN, or put `token` in the client configuration")]
+    NoToken,
+    #[error("{message}{}", field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default())]
+    Api { status: StatusCode, code: String, message: String, field: Option<String> },
+    #[error("The API sent an unreadable answer: {0}")]
+    Answer(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    api: Option<String>,
+    token: Option<String>,
+}
+
+pub struct ApiClient {
+    /// `host:port` to connect to.
+    authority: String,
+    token: Option<String>,
+}
+
+impl ApiClient {
+    /// Resolves the endpoint and token from flags, environment and the configuration file.
+    pub fn resolve(api: Option<String>, token: Option<String>) -> Result<ApiClient, ClientError> {
+        let file = read_config()?;
+        let api = api
+            .or_else(|| std::env::var("WARMPOOL_API").ok())
+            .or(file.api)
+            .unwrap_or_else(|| DEFAULT_API.into());
+        let token = token.or_else(|| std::env::var("WARMPOOL_TOKEN").ok()).or(file.token);
+        let authority = api
+            .strip_prefix("http://")
+            .map(|rest| rest.trim_end_matches('/').to_owned())
+            .filter(|authority| !authority.is_empty() && !authority.contains('/'))
+            .ok_or_else(|| ClientError::Endpoint(api.clone()))?;
+        Ok(ApiClient { authority, token })
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Sends one request and returns the JSON answer (`Null` for an empty one).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let token = self.token.as_ref().ok_or(ClientError::NoToken)?;
+        let connect_error =
+            |reason: String| ClientError::Connect { endpoint: self.authority.clone(), reason };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        tokio::spawn(connection);
+
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        let body = match body {
+            Some(body) => {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+                Bytes::from(body.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let request =
+            request.body(Full::new(body)).map_err(|e| ClientError::Answer(e.to_string()))?;
+        let response =
+            sender.send_request(request).await.map_err(|e| connect_error(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| connect_error(e.to_string()))?
+            .to_bytes();
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Answer(e.to_string()))?
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let error = &value["error"];
+        Err(ClientError::Api {
+            status,
+            code: error["code"].as_str().unwrap_or("unknown").to_owned(),
+            message: error["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("HTTP {status}")),
+            field: error["field"].as_str().map(str::to_owned),
+        })
+    }
+}
+
+fn config_path() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("WARMPOOL_CLIENT_CONFIG") {
+        return Some(path.into());
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config/warmpool/client.toml"))
+}
+
+fn read_config() -> Result<ClientConfig, ClientError> {
+    let Some(path) = config_path() else { return Ok(ClientConfig::default()) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| ClientError::Config { path, reason: e.message().to_owned() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
+        Err(e) => Err(ClientError::Config { path, reason: e.to_string() }),
+    }
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_their_columns() {
+        let rows = vec![vec!["a".into(), "long value".into()], vec!["bbb".into(), "x".into()]];
+        assert_eq!(table(&["ID", "NAME"], &rows), "ID   NAME\na    long value\nbbb  x");
+    }
+
+    #[test]
+    fn endpoints_must_be_plain_http_addresses() {
+        std::env::set_var("WARMPOOL_CLIENT_CONFIG", "/nonexistent/client.toml");
+        assert!(ApiClient::resolve(Some("http://127.0.0.1:1".into()), None).is_ok());
+        for bad in ["127.0.0.1:1", "http://", "http://h:1/path", "ftp://h"] {
+            assert!(
+                matches!(ApiClient::resolve(Some(bad.into()), None), Err(ClientError::Endpoint(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn api_errors_read_as_one_line_naming_the_field() {
+        let error = ClientError::Api {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid".into(),
+            message: "Invalid value for `weight`: 0 is not within 1..=1000".into(),
+            field: Some("weight".into()),
+        };
+        assert_eq!(
+            error.to_string(),
+            "Invalid value for `weight`: 0 is not within 1..=1000 (field `weight`)"
+        );
+    }
+}
