@@ -94,6 +94,8 @@ pub struct Control {
     store: Option<Arc<Store>>,
     /// The tenant that local jobs belong to in the store.
     local_tenant: String,
+    /// While set, the host takes no new jobs; running ones go on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -104,6 +106,7 @@ impl Control {
             next_job: AtomicU64::new(1),
             store: None,
             local_tenant: String::new(),
+            draining: Default::default(),
         }
     }
 
@@ -120,6 +123,23 @@ impl Control {
         &self.metrics
     }
 
+    /// Stops taking new jobs; jobs queued or running go on.
+    pub fn drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            info!("Host draining: no new jobs");
+        }
+    }
+
+    pub fn resume(&self) {
+        if self.draining.swap(false, Ordering::SeqCst) {
+            info!("Host resumed: taking jobs again");
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Records a local job, submits it, and returns its id, pool and events.
     pub async fn submit(
         &self,
@@ -128,6 +148,9 @@ impl Control {
     ) -> Result<(String, String, mpsc::Receiver<JobEvent>), String> {
         if argv.is_empty() {
             return Err("`argv` is empty: give a command to run".into());
+        }
+        if self.is_draining() {
+            return Err("the host is draining: it takes no new jobs until resumed".into());
         }
         let pool = match pool {
             Some(name) => self.pools.iter().find(|p| p.name() == name).ok_or_else(|| {

@@ -86,6 +86,13 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// The host: show, drain (take no new jobs), resume (over the API).
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Jobs: list and show (over the API).
     Job {
         #[command(subcommand)]
@@ -187,6 +194,15 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum HostCommand {
+    Show,
+    /// Take no new jobs; queued and running jobs go on.
+    Drain,
+    /// Take jobs again.
+    Resume,
+}
+
+#[derive(Subcommand)]
 enum PoolCommand {
     List,
 }
@@ -262,6 +278,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Pool { command: PoolCommand::List, api } => cli::pools(api).await,
         Command::Slot { command: SlotCommand::List, api } => cli::slots(api).await,
         Command::Job { command, api } => cli::job(command, api).await,
+        Command::Host { command, api } => cli::host(command, api).await,
         Command::CheckConfig { config } => {
             let (config, origin) = load_config(config.as_deref())?;
             println!("{origin}: valid, {} pool(s)", config.pools.len());
@@ -381,7 +398,7 @@ mod cli {
     use warmpool::client::{table, ApiClient};
     use warmpool::control::{Client, Request, Response};
 
-    use super::{ApiArgs, JobCommand, TenantCommand, TokenCommand};
+    use super::{ApiArgs, HostCommand, JobCommand, TenantCommand, TokenCommand};
 
     fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
         Ok(ApiClient::resolve(api.api.clone(), api.token.clone())?)
@@ -539,6 +556,17 @@ mod cli {
             })
             .collect();
         show(&api, &Value::Array(rows), &["pool", "name", "state", "error"]);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn host(command: HostCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+        let client = client(&api)?;
+        let host = match command {
+            HostCommand::Show => client.call(Method::GET, "/v1/host", None).await?,
+            HostCommand::Drain => client.call(Method::POST, "/v1/host/drain", None).await?,
+            HostCommand::Resume => client.call(Method::POST, "/v1/host/resume", None).await?,
+        };
+        show(&api, &host, &["draining", "jobs_running", "jobs_queued"]);
         Ok(ExitCode::SUCCESS)
     }
 

@@ -191,6 +191,11 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     assert_eq!(page["jobs"][0]["exit_code"], 7, "{page}");
     let out = cli(&["slot", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)), "{out:?}");
+    let out = cli(&["host", "drain"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{out:?}");
+    let out = warmpool(&["exec", "--socket", socket_arg, "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("draining"), "{out:?}");
+    cli(&["host", "resume"]);
     let out = Command::new(BIN)
         .args(["job", "list"])
         .env("WARMPOOL_API", &api)
@@ -221,7 +226,9 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     );
     let out = warmpool(&["exec", "--socket", socket_arg, "--", "echo", "after restart"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after restart\n", "{out:?}");
-    // The token and the job history outlive the killed daemon.
+    // The token, the tenant and the job history outlive the killed daemon.
+    let tenants = http_get_with(api_port, "/v1/tenants", Some(&token)).await;
+    assert!(tenants.contains("\"name\":\"acme\""), "{tenants}");
     let jobs = http_get_with(api_port, "/v1/jobs", Some(&token)).await;
     assert!(jobs.contains("\"exit_code\":7") && jobs.contains("\"exit_code\":0"), "{jobs}");
 

@@ -73,6 +73,7 @@ struct ErrorBody<'a> {
         resources::update_tenant, resources::delete_tenant,
         resources::list_tokens, resources::create_token, resources::revoke_token,
         resources::list_jobs, resources::get_job, resources::list_pools,
+        resources::get_host, resources::drain_host, resources::resume_host,
     ),
     components(schemas(ApiError, Health, PoolHealth, PoolStatus, SlotStatus, SlotState)),
     modifiers(&BearerAuth)
@@ -117,6 +118,9 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/pools", get(list_pools))
+        .route("/v1/host", get(get_host))
+        .route("/v1/host/drain", axum::routing::post(drain_host))
+        .route("/v1/host/resume", axum::routing::post(resume_host))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -133,7 +137,8 @@ pub async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>, sto
 
 #[derive(Serialize, ToSchema)]
 struct Health {
-    /// `ok`, or `degraded` when some pool has no slot that can take a job.
+    /// `ok`; `degraded` when some pool has no slot that can take a job; `draining` while the
+    /// host takes no new jobs.
     status: &'static str,
     pools: Vec<PoolHealth>,
 }
@@ -147,11 +152,12 @@ struct PoolHealth {
     queued: usize,
 }
 
-/// 200 while every pool can serve, 503 when a pool's slots are all quarantined, so that a
-/// load balancer or an alert can tell a host that takes jobs from one that cannot.
+/// 200 while every pool can serve; 503 when a pool's slots are all quarantined or the host is
+/// draining, so that a load balancer or an alert can tell a host that takes jobs from one that
+/// cannot.
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, description = "Every pool can take jobs", body = Health),
-    (status = 503, description = "Some pool has every slot quarantined", body = Health),
+    (status = 503, description = "Some pool has every slot quarantined, or the host drains", body = Health),
 ))]
 async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let pools = pool_statuses(&state.control).await;
@@ -166,9 +172,12 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
         })
         .collect();
     let degraded = pools.iter().any(|pool| pool.quarantined == pool.slots);
-    let status = if degraded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    let body = Health { status: if degraded { "degraded" } else { "ok" }, pools };
-    (status, Json(body)).into_response()
+    let (status, word) = match (state.control.is_draining(), degraded) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+        (false, false) => (StatusCode::OK, "ok"),
+    };
+    (status, Json(Health { status: word, pools })).into_response()
 }
 
 /// Slots, jobs, durations and API requests in the Prometheus text format.

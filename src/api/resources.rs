@@ -465,6 +465,61 @@ pub async fn list_pools(
     Json(super::pool_statuses(&state.control).await)
 }
 
+// --- host ----------------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Host {
+    /// Whether the host refuses new jobs.
+    draining: bool,
+    /// Jobs running in slots now.
+    jobs_running: usize,
+    /// Jobs waiting for a slot.
+    jobs_queued: usize,
+}
+
+async fn host(state: &ApiState) -> Host {
+    let pools = super::pool_statuses(&state.control).await;
+    Host {
+        draining: state.control.is_draining(),
+        jobs_running: pools.iter().map(|pool| pool.count(crate::slot::SlotState::Running)).sum(),
+        jobs_queued: pools.iter().map(|pool| pool.queued).sum(),
+    }
+}
+
+/// Whether the host takes jobs, and how many it has.
+#[utoipa::path(get, path = "/v1/host", security(("bearer" = [])), responses(
+    (status = 200, body = Host), (status = 401, body = ErrorResponse),
+))]
+pub async fn get_host(State(state): State<Arc<ApiState>>, _caller: Caller) -> Json<Host> {
+    Json(host(&state).await)
+}
+
+/// Stops taking new jobs; queued and running jobs go on (admin only).
+#[utoipa::path(post, path = "/v1/host/drain", security(("bearer" = [])), responses(
+    (status = 200, body = Host), (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
+))]
+pub async fn drain_host(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Host>, ApiError> {
+    caller.require_admin()?;
+    state.control.drain();
+    Ok(Json(host(&state).await))
+}
+
+/// Takes jobs again (admin only).
+#[utoipa::path(post, path = "/v1/host/resume", security(("bearer" = [])), responses(
+    (status = 200, body = Host), (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
+))]
+pub async fn resume_host(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Host>, ApiError> {
+    caller.require_admin()?;
+    state.control.resume();
+    Ok(Json(host(&state).await))
+}
+
 /// The error body, for the OpenAPI description.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorResponse {

@@ -475,3 +475,32 @@ fn every_store_error_maps_to_its_status() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_draining_host_refuses_new_jobs_and_says_so() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (_, tenant_token) = fixture.tenant("acme").await;
+    let (status, _) = fixture.call(Method::POST, "/v1/host/drain", Some(&tenant_token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, host) =
+        fixture.call(Method::POST, "/v1/host/drain", Some(&fixture.admin), None).await;
+    assert_eq!((status, host["draining"].as_bool()), (StatusCode::OK, Some(true)), "{host}");
+    let (status, _, body) = fixture.get("/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("\"status\":\"draining\""), "{body}");
+    let refused = fixture.control.submit(None, &["true".to_owned()]).await.unwrap_err();
+    assert!(refused.contains("draining"), "{refused}");
+
+    let (status, host) =
+        fixture.call(Method::POST, "/v1/host/resume", Some(&fixture.admin), None).await;
+    assert_eq!((status, host["draining"].as_bool()), (StatusCode::OK, Some(false)));
+    assert_eq!(fixture.get("/healthz").await.0, StatusCode::OK);
+    let (_, _, mut events) = fixture.control.submit(None, &["true".to_owned()]).await.unwrap();
+    let mut last = None;
+    while let Some(event) = events.recv().await {
+        last = Some(event);
+    }
+    assert_eq!(last, Some(crate::slot::JobEvent::Finished { exit_code: 0 }));
+    fixture.stop().await;
+}
