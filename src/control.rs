@@ -17,10 +17,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::guest::Run;
+use crate::local::{LocalJob, LocalJobs};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolStatus};
-use crate::slot::{Job, JobEvent, JobFailure};
-use crate::store::{Actor, JobTransition, NewJob, Store};
+use crate::slot::{Job, JobEvent};
+use crate::store::{Actor, NewJob, Store};
+use futures_util::StreamExt;
 
 /// The longest request line: a command line for a job, with room to spare.
 pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
@@ -84,6 +86,21 @@ pub enum ControlError {
     Closed,
 }
 
+/// Why a local job was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("`argv` is empty: give a command to run")]
+    EmptyCommand,
+    #[error("the host is draining: it takes no new jobs until resumed")]
+    Draining,
+    #[error("no pool `{name}`; pools: {pools}")]
+    NoPool { name: String, pools: String },
+    #[error("the daemon has no pools")]
+    NoPools,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// What the control socket serves.
 pub struct Control {
     pools: Vec<Pool>,
@@ -96,6 +113,7 @@ pub struct Control {
     local_tenant: String,
     /// While set, the host takes no new jobs; running ones go on.
     draining: std::sync::atomic::AtomicBool,
+    local: Arc<LocalJobs>,
 }
 
 impl Control {
@@ -107,6 +125,7 @@ impl Control {
             store: None,
             local_tenant: String::new(),
             draining: Default::default(),
+            local: Arc::default(),
         }
     }
 
@@ -140,58 +159,56 @@ impl Control {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Records a local job, submits it, and returns its id, pool and events.
+    /// Records a local job, submits it, and returns it for reading and cancelling. The job
+    /// belongs to `tenant`, or to the daemon's local tenant (root on this socket).
     pub async fn submit(
         &self,
         pool: Option<&str>,
         argv: &[String],
-    ) -> Result<(String, String, mpsc::Receiver<JobEvent>), String> {
+        tenant: Option<(&str, Actor)>,
+    ) -> Result<Arc<LocalJob>, SubmitError> {
         if argv.is_empty() {
-            return Err("`argv` is empty: give a command to run".into());
+            return Err(SubmitError::EmptyCommand);
         }
         if self.is_draining() {
-            return Err("the host is draining: it takes no new jobs until resumed".into());
+            return Err(SubmitError::Draining);
         }
         let pool = match pool {
             Some(name) => self.pools.iter().find(|p| p.name() == name).ok_or_else(|| {
-                let names: Vec<&str> = self.pools.iter().map(Pool::name).collect();
-                format!("no pool `{name}`; pools: {}", names.join(", "))
+                let pools = self.pools.iter().map(Pool::name).collect::<Vec<_>>().join(", ");
+                SubmitError::NoPool { name: name.to_owned(), pools }
             })?,
-            None => self.pools.first().ok_or("the daemon has no pools")?,
+            None => self.pools.first().ok_or(SubmitError::NoPools)?,
         };
         let sequence = self.next_job.fetch_add(1, Ordering::Relaxed);
         let id = format!("local-{}-{sequence}", uuid::Uuid::new_v4().simple());
+        let (tenant_id, actor) = match tenant {
+            Some((tenant, actor)) => (tenant.to_owned(), actor),
+            None => (self.local_tenant.clone(), Actor::LocalRoot),
+        };
         if let Some(store) = &self.store {
             let new = NewJob {
                 id: id.clone(),
-                tenant_id: self.local_tenant.clone(),
+                tenant_id: tenant_id.clone(),
                 pool: pool.name().to_owned(),
             };
-            store
-                .call(move |store| store.record_job(&Actor::LocalRoot, new))
-                .await
-                .map_err(|e| e.to_string())?;
+            store.call(move |store| store.record_job(&actor, new)).await?;
         }
         let (events, events_rx) = mpsc::channel(JOB_EVENTS);
-        pool.submit(Job::new(id.clone(), Run::script(&shell_command(argv)), events));
-        Ok((id, pool.name().to_owned(), events_rx))
+        let job = self.local.track(
+            id.clone(),
+            pool.name().to_owned(),
+            tenant_id,
+            events_rx,
+            self.store.clone(),
+        );
+        pool.submit(Job::new(id, Run::script(&shell_command(argv)), events));
+        Ok(job)
     }
 
-    /// Records a job's progress; a store failure is logged and the job goes on.
-    async fn record(&self, job: &str, transitions: Vec<JobTransition>) {
-        let Some(store) = &self.store else { return };
-        let id = job.to_owned();
-        let recorded = store
-            .call(move |store| {
-                for transition in transitions {
-                    store.transition_job(&Actor::Daemon, &id, transition)?;
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = recorded {
-            warn!(job, error = %e, "Recording the job's progress failed");
-        }
+    /// A local job that runs or ended recently.
+    pub fn local_job(&self, id: &str) -> Option<Arc<LocalJob>> {
+        self.local.get(id)
     }
 
     async fn status(&self) -> Vec<PoolStatus> {
@@ -300,48 +317,31 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
             let _ = send(&mut write, &create_token(&control, name, tenant).await).await;
         }
         Request::Exec { pool, argv } => {
-            let (job, pool, mut events) = match control.submit(pool.as_deref(), &argv).await {
-                Ok(submitted) => submitted,
-                Err(message) => {
-                    let _ = send(&mut write, &Response::Error { message }).await;
+            let job = match control.submit(pool.as_deref(), &argv, None).await {
+                Ok(job) => job,
+                Err(e) => {
+                    let _ = send(&mut write, &Response::Error { message: e.to_string() }).await;
                     return;
                 }
             };
-            info!(job = %job, pool = %pool, "Local job queued");
-            let queued = Response::Queued { job: job.clone(), pool };
-            // Dropping `events` when the client hangs up cancels the job.
+            info!(job = %job.id, pool = %job.pool, "Local job queued");
+            let queued = Response::Queued { job: job.id.clone(), pool: job.pool.clone() };
             let mut hangup = reader.into_inner().into_inner();
             let mut byte = [0u8; 1];
+            let mut events = std::pin::pin!(job.subscribe());
             let mut client_gone = send(&mut write, &queued).await.is_err();
-            let mut ended = false;
-            while !client_gone && !ended {
+            while !client_gone {
                 tokio::select! {
-                    event = events.recv() => {
-                        let Some(event) = event else { break };
-                        ended = matches!(event, JobEvent::Finished { .. } | JobEvent::Failed { .. });
-                        control.record(&job, progress(&event)).await;
+                    event = events.next() => {
+                        let Some(event) = event else { return };
                         client_gone = send(&mut write, &event.into()).await.is_err();
                     }
                     _ = hangup.read(&mut byte) => client_gone = true,
                 }
             }
-            if !ended {
-                let reason = JobFailure::Cancelled.to_string();
-                control.record(&job, vec![JobTransition::Fail { reason }]).await;
-            }
+            // A client that hangs up takes its job with it.
+            job.cancel();
         }
-    }
-}
-
-/// The store transitions an event stands for.
-fn progress(event: &JobEvent) -> Vec<JobTransition> {
-    match event {
-        JobEvent::Started { index, .. } => {
-            vec![JobTransition::Assign { slot_index: *index as u32 }, JobTransition::Start]
-        }
-        JobEvent::Log { .. } => vec![],
-        JobEvent::Finished { exit_code } => vec![JobTransition::Finish { exit_code: *exit_code }],
-        JobEvent::Failed { reason } => vec![JobTransition::Fail { reason: reason.clone() }],
     }
 }
 

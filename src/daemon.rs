@@ -129,7 +129,7 @@ fn fail_unfinished_jobs(store: &Store) -> Result<(), StoreError> {
 }
 
 /// The tenant of jobs sent through the control socket, created on first start.
-fn local_tenant(store: &Store) -> Result<String, StoreError> {
+pub(crate) fn local_tenant(store: &Store) -> Result<String, StoreError> {
     if let Some(tenant) = store.list_tenants()?.into_iter().find(|t| t.name == LOCAL_TENANT) {
         return Ok(tenant.id);
     }

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod disk;
 pub mod guest;
 pub mod hypervisor;
+pub mod local;
 pub mod metrics;
 pub mod pool;
 pub mod slot;

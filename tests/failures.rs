@@ -71,10 +71,15 @@ async fn a_qemu_killed_mid_job_ends_in_a_reverted_ready_slot() {
     running.settle(SlotState::Ready).await;
 
     let argv = vec!["sh".to_owned(), "-c".to_owned(), "echo running; sleep 600".to_owned()];
-    let (_job, _pool, mut events) = running.control().submit(None, &argv).await.unwrap();
+    let job = running.control().submit(None, &argv, None).await.unwrap();
     // Wait for the job's first output, then kill QEMU as the OOM killer would.
+    let mut events = std::pin::pin!(job.subscribe());
     loop {
-        match tokio::time::timeout(support::SETTLE_TIMEOUT, events.recv()).await.unwrap() {
+        let event = tokio::time::timeout(
+            support::SETTLE_TIMEOUT,
+            futures_util::StreamExt::next(&mut events),
+        );
+        match event.await.unwrap() {
             Some(warmpool::slot::JobEvent::Log { .. }) => break,
             Some(_) => continue,
             None => panic!("the job ended before it printed"),

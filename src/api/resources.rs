@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiState};
+use crate::control::SubmitError;
+use crate::local::LocalJob;
 use crate::pool::PoolStatus;
 use crate::store::{
     ApiToken, Grant, JobCursor, JobFilter, JobRecord, JobState, NewTenant, Role, StoreError,
@@ -518,6 +520,120 @@ pub async fn resume_host(
     caller.require_admin()?;
     state.control.resume();
     Ok(Json(host(&state).await))
+}
+
+// --- local jobs ----------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitLocalJob {
+    /// The pool to run in; the first pool when absent.
+    pool: Option<String>,
+    /// The command and its arguments, run by the guest's shell.
+    #[schema(min_items = 1)]
+    argv: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmittedJob {
+    id: String,
+    pool: String,
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(error: SubmitError) -> ApiError {
+        match error {
+            SubmitError::EmptyCommand => ApiError::invalid("argv", error.to_string()),
+            SubmitError::NoPool { .. } | SubmitError::NoPools => {
+                ApiError::invalid("pool", error.to_string())
+            }
+            SubmitError::Draining => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", error.to_string())
+            }
+            SubmitError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Runs a command in a fresh slot, as the daemon's local tenant (admin) or as the caller's own
+/// tenant, which must be of kind `local`.
+#[utoipa::path(post, path = "/v1/local/jobs", security(("bearer" = [])), request_body = SubmitLocalJob, responses(
+    (status = 202, body = SubmittedJob), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+    (status = 403, body = ErrorResponse), (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
+    (status = 503, body = ErrorResponse),
+))]
+pub async fn submit_local_job(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Body(body): Body<SubmitLocalJob>,
+) -> Result<(StatusCode, Json<SubmittedJob>), ApiError> {
+    let tenant = match &caller.0.role {
+        Role::Admin => None,
+        Role::Tenant(id) => {
+            let lookup = id.clone();
+            let tenant = state.store.call(move |store| store.get_tenant(&lookup)).await?;
+            if tenant.kind != TenantKind::Local {
+                let message = format!(
+                    "tenant `{}` is of kind {}, and only local tenants send commands",
+                    tenant.name,
+                    tenant.kind.as_str()
+                );
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", message));
+            }
+            Some(id.clone())
+        }
+    };
+    let tenant = tenant.as_deref().map(|id| (id, caller.0.actor()));
+    let job = state.control.submit(body.pool.as_deref(), &body.argv, tenant).await?;
+    Ok((StatusCode::ACCEPTED, Json(SubmittedJob { id: job.id.clone(), pool: job.pool.clone() })))
+}
+
+fn visible_local_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Arc<LocalJob>, ApiError> {
+    match state.control.local_job(id) {
+        Some(job) if caller.sees(Some(&job.tenant_id)) => Ok(job),
+        _ => Err(not_found("running or recent local job", id)),
+    }
+}
+
+/// The job's events from its start, one JSON object per line, live until the job ends:
+/// `started`, `log` lines, then `finished` with the exit code or `failed` with the reason.
+#[utoipa::path(get, path = "/v1/local/jobs/{id}/output", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 200, description = "JSON lines", body = String, content_type = "application/x-ndjson"),
+    (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn local_job_output(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use futures_util::StreamExt;
+    let job = visible_local_job(&state, &caller, &id)?;
+    let lines = job.subscribe().map(|event| {
+        let mut line =
+            serde_json::to_vec(&crate::control::Response::from(event)).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    let body = axum::body::Body::from_stream(lines);
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// Cancels a queued or running local job; its slot reverts.
+#[utoipa::path(delete, path = "/v1/local/jobs/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 202), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn cancel_local_job(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    visible_local_job(&state, &caller, &id)?.cancel();
+    Ok(StatusCode::ACCEPTED)
 }
 
 /// The error body, for the OpenAPI description.

@@ -34,9 +34,11 @@ impl Fixture {
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::start(&config, dir.path(), Arc::new(fake), metrics.clone());
         pool.built().await;
-        let control = Arc::new(Control::new(vec![pool], metrics));
         let store = Arc::new(Store::open(&dir.path().join("db"), &dir.path().join("key")).unwrap());
         store.upsert_pool(&Actor::Daemon, "test", 0).unwrap();
+        store.upsert_slot(&Actor::Daemon, "test", 0, crate::slot::SlotState::Empty, None).unwrap();
+        let local = crate::daemon::local_tenant(&store).unwrap();
+        let control = Arc::new(Control::new(vec![pool], metrics).with_store(store.clone(), local));
         let admin = store.create_token(&Actor::LocalRoot, None, "admin").unwrap();
         let admin = admin.plaintext.expose_str().unwrap().to_owned();
         let router = router(control.clone(), store.clone());
@@ -489,18 +491,114 @@ async fn a_draining_host_refuses_new_jobs_and_says_so() {
     let (status, _, body) = fixture.get("/healthz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("\"status\":\"draining\""), "{body}");
-    let refused = fixture.control.submit(None, &["true".to_owned()]).await.unwrap_err();
-    assert!(refused.contains("draining"), "{refused}");
+    let refused = fixture.control.submit(None, &["true".to_owned()], None).await.err().unwrap();
+    assert!(matches!(refused, crate::control::SubmitError::Draining), "{refused}");
 
     let (status, host) =
         fixture.call(Method::POST, "/v1/host/resume", Some(&fixture.admin), None).await;
     assert_eq!((status, host["draining"].as_bool()), (StatusCode::OK, Some(false)));
     assert_eq!(fixture.get("/healthz").await.0, StatusCode::OK);
-    let (_, _, mut events) = fixture.control.submit(None, &["true".to_owned()]).await.unwrap();
-    let mut last = None;
-    while let Some(event) = events.recv().await {
-        last = Some(event);
-    }
-    assert_eq!(last, Some(crate::slot::JobEvent::Finished { exit_code: 0 }));
+    let job = fixture.control.submit(None, &["true".to_owned()], None).await.unwrap();
+    let events: Vec<_> = futures_util::StreamExt::collect(job.subscribe()).await;
+    assert_eq!(events.last(), Some(&crate::slot::JobEvent::Finished { exit_code: 0 }));
+    fixture.stop().await;
+}
+
+async fn output(fixture: &Fixture, id: &str, token: &str) -> (StatusCode, Vec<Value>) {
+    let (status, body) =
+        fixture.call(Method::GET, &format!("/v1/local/jobs/{id}/output"), Some(token), None).await;
+    let lines = match body {
+        Value::String(text) => text.lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
+        single => vec![single],
+    };
+    (status, lines)
+}
+
+#[tokio::test]
+async fn local_jobs_run_stream_and_are_recorded() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let admin = fixture.admin.clone();
+    let body = json!({"argv": ["sh", "-c", "echo hi; exit 4"]});
+    let (status, submitted) =
+        fixture.call(Method::POST, "/v1/local/jobs", Some(&admin), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{submitted}");
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    let (status, lines) = output(&fixture, &id, &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines.first().unwrap()["type"], "started", "{lines:?}");
+    assert!(lines.iter().any(|l| l["type"] == "log"), "{lines:?}");
+    assert_eq!(lines.last().unwrap(), &json!({"type": "finished", "exit_code": 4}));
+    let (_, record) =
+        fixture.call(Method::GET, &format!("/v1/jobs/{id}"), Some(&admin), None).await;
+    assert_eq!(
+        (record["state"].as_str(), record["exit_code"].as_i64()),
+        (Some("finished"), Some(4)),
+        "{record}"
+    );
+
+    // A local tenant runs its own jobs; nobody else sees them; other kinds may not run commands.
+    let (_, acme_token) = fixture.tenant("acme").await;
+    let (status, mine) = fixture
+        .call(Method::POST, "/v1/local/jobs", Some(&acme_token), Some(json!({"argv": ["true"]})))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{mine}");
+    let mine = mine["id"].as_str().unwrap().to_owned();
+    assert_eq!(output(&fixture, &mine, &acme_token).await.0, StatusCode::OK);
+    let (_, globex_token) = fixture.tenant("globex").await;
+    assert_eq!(output(&fixture, &mine, &globex_token).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(output(&fixture, &id, &acme_token).await.0, StatusCode::NOT_FOUND);
+    let github = json!({"name": "gh", "kind": "github", "settings": {"owner": "o", "app_id": 1, "installation_id": 2}});
+    let (_, gh) = fixture.call(Method::POST, "/v1/tenants", Some(&admin), Some(github)).await;
+    let token_body = json!({"name": "gh-token", "tenant_id": gh["id"]});
+    let (_, gh_token) =
+        fixture.call(Method::POST, "/v1/tokens", Some(&admin), Some(token_body)).await;
+    let gh_token = gh_token["secret"].as_str().unwrap().to_owned();
+    let (status, _) = fixture
+        .call(Method::POST, "/v1/local/jobs", Some(&gh_token), Some(json!({"argv": ["true"]})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, body) =
+        fixture.call(Method::POST, "/v1/local/jobs", Some(&admin), Some(json!({"argv": []}))).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("argv")));
+    let nope = json!({"argv": ["true"], "pool": "nope"});
+    let (status, body) =
+        fixture.call(Method::POST, "/v1/local/jobs", Some(&admin), Some(nope)).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("pool")));
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_local_job_fails_and_its_slot_reverts() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let admin = fixture.admin.clone();
+    let (_, submitted) = fixture
+        .call(Method::POST, "/v1/local/jobs", Some(&admin), Some(json!({"argv": ["fake:hang"]})))
+        .await;
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    let job = fixture.control.local_job(&id).unwrap();
+    let mut events = std::pin::pin!(job.subscribe());
+    assert!(matches!(
+        futures_util::StreamExt::next(&mut events).await,
+        Some(crate::slot::JobEvent::Started { .. })
+    ));
+    let (status, _) =
+        fixture.call(Method::DELETE, &format!("/v1/local/jobs/{id}"), Some(&admin), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (_, lines) = output(&fixture, &id, &admin).await;
+    assert_eq!(lines.last().unwrap()["type"], "failed", "{lines:?}");
+    let (_, record) =
+        fixture.call(Method::GET, &format!("/v1/jobs/{id}"), Some(&admin), None).await;
+    assert_eq!(record["state"], "failed", "{record}");
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let (_, pools) = fixture.call(Method::GET, "/v1/pools", Some(&admin), None).await;
+            if pools[0]["slots"][0]["state"] == "ready" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    waited.await.expect("the slot is ready again");
     fixture.stop().await;
 }

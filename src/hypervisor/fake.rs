@@ -4,8 +4,8 @@
 //! the guest side of the job-port protocol. The XML it understands is the shape of
 //! [`FAKE_TEMPLATE`]. A job's script chooses the guest's behaviour: a script that contains
 //! `fake:hang`, `fake:poweroff`, `fake:flood`, `fake:garbage` or `fake:finish-early` misbehaves
-//! in the named way; any other script is answered with one log line per line of the script and a `finished`
-//! whose exit code is the number after `exit ` in the script, or 0.
+//! in the named way; any other script is answered with one log line per line of the script and
+//! a `finished` whose exit code is the number after the last `exit ` in the script, or 0.
 //!
 //! Failures of the hypervisor itself are injected with [`FakeHypervisor::fail`].
 
@@ -214,8 +214,9 @@ async fn run_job(
         write
             .write_all(&send(serde_json::json!({"v":1,"type":"log","job":job,"line":line})))
             .await?;
-        if let Some(code) = line.trim().strip_prefix("exit ") {
-            exit_code = code.trim().parse().unwrap_or(1);
+        if let Some((_, after)) = line.split_once("exit ") {
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            exit_code = digits.parse().unwrap_or(1);
         }
     }
     let finished = serde_json::json!({"v":1,"type":"finished","job":job,"exit_code":exit_code});

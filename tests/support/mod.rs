@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use warmpool::config::{Arch, Config};
 use warmpool::control::Control;
 use warmpool::daemon;
@@ -168,8 +167,8 @@ impl Running {
     /// Runs a shell script in a slot and collects its events.
     pub async fn run(&self, script: &str) -> Outcome {
         let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
-        let (_job, _pool, events) = self.control().submit(None, &argv).await.unwrap();
-        collect(events).await
+        let job = self.control().submit(None, &argv, None).await.unwrap();
+        collect(job.subscribe()).await
     }
 
     pub async fn status(&self) -> PoolStatus {
@@ -218,10 +217,12 @@ impl Running {
     }
 }
 
-pub async fn collect(mut events: mpsc::Receiver<JobEvent>) -> Outcome {
+pub async fn collect(events: impl futures_util::Stream<Item = JobEvent>) -> Outcome {
+    use futures_util::StreamExt;
+    let mut events = std::pin::pin!(events);
     let mut outcome = Outcome { slot: None, lines: Vec::new(), exit_code: None, failure: None };
     let ended = tokio::time::timeout(SETTLE_TIMEOUT, async {
-        while let Some(event) = events.recv().await {
+        while let Some(event) = events.next().await {
             match event {
                 JobEvent::Started { slot, .. } => outcome.slot = Some(slot),
                 JobEvent::Log { line } => outcome.lines.push(line),
