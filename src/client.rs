@@ -75,15 +75,64 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes =
+            response.into_body().collect().await.map_err(|e| self.connect_error(e))?.to_bytes();
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Answer(e.to_string()))?
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(api_error(status, &value))
+    }
+
+    /// GETs a stream of JSON lines and hands each to `each` as it arrives, until the stream
+    /// ends or `each` returns false.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let response = self.send(Method::GET, path, None).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(api_error(status, &serde_json::from_slice(&bytes).unwrap_or(Value::Null)));
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|e| self.connect_error(e))?.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let value = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Answer(e.to_string()))?;
+                if !each(value) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let token = self.token.as_ref().ok_or(ClientError::NoToken)?;
-        let connect_error =
-            |reason: String| ClientError::Connect { endpoint: self.authority.clone(), reason };
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
-            .map_err(|e| connect_error(e.to_string()))?;
+            .map_err(|e| self.connect_error(e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| connect_error(e.to_string()))?;
+            .map_err(|e| self.connect_error(e))?;
         tokio::spawn(connection);
 
         let mut request = Request::builder()
@@ -100,33 +149,24 @@ impl ApiClient {
         };
         let request =
             request.body(Full::new(body)).map_err(|e| ClientError::Answer(e.to_string()))?;
-        let response =
-            sender.send_request(request).await.map_err(|e| connect_error(e.to_string()))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| connect_error(e.to_string()))?
-            .to_bytes();
-        let value: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Answer(e.to_string()))?
-        };
-        if status.is_success() {
-            return Ok(value);
-        }
-        let error = &value["error"];
-        Err(ClientError::Api {
-            status,
-            code: error["code"].as_str().unwrap_or("unknown").to_owned(),
-            message: error["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("HTTP {status}")),
-            field: error["field"].as_str().map(str::to_owned),
-        })
+        sender.send_request(request).await.map_err(|e| self.connect_error(e))
+    }
+
+    fn connect_error(&self, reason: impl std::fmt::Display) -> ClientError {
+        ClientError::Connect { endpoint: self.authority.clone(), reason: reason.to_string() }
+    }
+}
+
+fn api_error(status: StatusCode, value: &Value) -> ClientError {
+    let error = &value["error"];
+    ClientError::Api {
+        status,
+        code: error["code"].as_str().unwrap_or("unknown").to_owned(),
+        message: error["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("HTTP {status}")),
+        field: error["field"].as_str().map(str::to_owned),
     }
 }
 

@@ -48,6 +48,12 @@ enum Command {
         /// The command and its arguments, after `--`.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+        /// Send the job over the HTTP API instead of the control socket, with the API token
+        /// (--token, WARMPOOL_TOKEN or the client configuration) and as its tenant.
+        #[arg(long)]
+        via_api: bool,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Show the pools and the state of every slot.
     Status {
@@ -271,7 +277,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             daemon::serve(config, stop_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Exec { socket, pool, command } => exec(&socket, pool, command).await,
+        Command::Exec { pool, command, via_api: true, api, .. } => {
+            cli::exec(pool, command, api).await
+        }
+        Command::Exec { socket, pool, command, .. } => exec(&socket, pool, command).await,
         Command::Status { socket, json } => status(&socket, json).await,
         Command::Tenant { command, api } => cli::tenant(command, api).await,
         Command::Token { command, api } => cli::token(command, api).await,
@@ -557,6 +566,48 @@ mod cli {
             .collect();
         show(&api, &Value::Array(rows), &["pool", "name", "state", "error"]);
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// `exec` over the API: submit, stream the output, exit with the job's code. Ctrl-C
+    /// cancels the job, as hanging up the control socket does.
+    pub async fn exec(
+        pool: Option<String>,
+        argv: Vec<String>,
+        api: ApiArgs,
+    ) -> anyhow::Result<ExitCode> {
+        use std::io::Write as _;
+        let client = client(&api)?;
+        let body = json!({"pool": pool, "argv": argv});
+        let submitted = client.call(Method::POST, "/v1/local/jobs", Some(body)).await?;
+        let id = text(&submitted["id"]);
+        let mut code = ExitCode::from(super::EXIT_JOB_FAILED);
+        let output = format!("/v1/local/jobs/{id}/output");
+        let stream = client.stream_lines(&output, |event| {
+            match event["type"].as_str() {
+                Some("log") => {
+                    let _ = writeln!(std::io::stdout(), "{}", text(&event["line"]));
+                }
+                Some("finished") => {
+                    let exit_code = event["exit_code"].as_i64().unwrap_or(1).clamp(0, 255);
+                    code = ExitCode::from(exit_code as u8);
+                    return false;
+                }
+                Some("failed") => {
+                    eprintln!("warmpool: the job failed: {}", text(&event["reason"]));
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+        tokio::select! {
+            streamed = stream => streamed?,
+            _ = tokio::signal::ctrl_c() => {
+                client.call(Method::DELETE, &format!("/v1/local/jobs/{id}"), None).await?;
+                eprintln!("warmpool: job {id} cancelled");
+            }
+        }
+        Ok(code)
     }
 
     pub async fn host(command: HostCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {

@@ -185,6 +185,9 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     assert_eq!(page["jobs"][0]["exit_code"], 7, "{page}");
     let out = cli(&["slot", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)), "{out:?}");
+    let out = cli(&["exec", "--via-api", "--", "sh", "-c", "echo over the api; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over the api\n");
     let out = cli(&["host", "drain"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{out:?}");
     let out = warmpool(&["exec", "--socket", socket_arg, "--", "true"]);
