@@ -136,6 +136,7 @@ fn rewrite_config(text: &str, dir: &Path, slots: Option<u32>) -> Result<String, 
         dir.to_str().ok_or_else(|| BenchError::Rewrite("state_dir is not UTF-8".into()))?;
     table.insert("state_dir".into(), dir_str.into());
     table.insert("control_socket".into(), format!("{dir_str}/control.sock").into());
+    table.insert("api_socket".into(), format!("{dir_str}/api.sock").into());
     let pools = table
         .get_mut("pool")
         .and_then(toml::Value::as_array_mut)

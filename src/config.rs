@@ -20,6 +20,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/warmpool";
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/warmpool/images";
 pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/warmpool/warmpool.sock";
+pub const DEFAULT_API_SOCKET: &str = "/run/warmpool/api.sock";
 /// A CI job that runs longer than this is almost always stuck; operators raise it per pool.
 pub const DEFAULT_MAX_JOB_SECS: u64 = 6 * 3600;
 /// Windows on Arm under nested virtualisation can take minutes to boot and settle.
@@ -88,6 +89,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     libvirt_uri: Option<String>,
     control_socket: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
     api_listen: Option<String>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
@@ -121,7 +123,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub libvirt_uri: String,
     pub control_socket: PathBuf,
-    /// The TCP address of the HTTP API (health and metrics); none serves no HTTP.
+    /// The unix socket of the HTTP API, for root only, who needs no token on it.
+    pub api_socket: PathBuf,
+    /// The TCP address of the HTTP API; none serves it on the unix socket alone.
     pub api_listen: Option<std::net::SocketAddr>,
     pub pools: Vec<PoolConfig>,
 }
@@ -224,6 +228,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::invalid("libvirt_uri", "expected a URI such as qemu:///system"));
     }
 
+    let api_socket = raw.api_socket.unwrap_or_else(|| DEFAULT_API_SOCKET.into());
+    check_absolute("api_socket", &api_socket)?;
     let api_listen = match raw.api_listen {
         Some(address) => Some(address.parse().map_err(|_| {
             ConfigError::invalid(
@@ -245,7 +251,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         pools.push(pool);
     }
-    Ok(Config { state_dir, libvirt_uri, control_socket, api_listen, pools })
+    Ok(Config { state_dir, libvirt_uri, control_socket, api_socket, api_listen, pools })
 }
 
 fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> {

@@ -59,6 +59,8 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
 
     let server = tokio::spawn(control::serve(listener, control.clone()));
+    let unix_api = control::bind(&config.api_socket)?;
+    let unix_api = tokio::spawn(api::serve_unix(unix_api, control.clone(), store.clone()));
     let api = match config.api_listen {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -71,7 +73,8 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     };
     stop.await;
     info!("Daemon stopping");
-    for task in std::iter::once(server).chain(api) {
+    let _ = std::fs::remove_file(&config.api_socket);
+    for task in [server, unix_api].into_iter().chain(api) {
         task.abort();
         let _ = task.await;
     }

@@ -188,6 +188,17 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let out = cli(&["exec", "--via-api", "--", "sh", "-c", "echo over the api; exit 5"]);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "over the api\n");
+    // Root on the unix socket needs no token.
+    let unix = pool.state_dir.join("api.sock");
+    let host = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::UnixStream::connect(&unix).await.unwrap();
+        stream.write_all(b"GET /v1/host HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    assert!(host.starts_with("HTTP/1.0 200") && host.contains("\"draining\":false"), "{host}");
     let out = cli(&["host", "drain"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{out:?}");
     let out = warmpool(&["exec", "--socket", socket_arg, "--", "true"]);

@@ -133,6 +133,22 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
 }
 
 /// Serves the API on `listener` until the task is dropped.
+/// Marks requests that came through the unix socket, which only root can open.
+#[derive(Clone, Copy)]
+pub(crate) struct LocalRoot;
+
+/// Serves the API on the unix socket, where every caller is root and acts as an admin.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    control: Arc<Control>,
+    store: Arc<Store>,
+) {
+    let app = router(control, store).layer(axum::Extension(LocalRoot));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "The HTTP API on the unix socket stopped");
+    }
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>, store: Arc<Store>) {
     if let Err(e) = axum::serve(listener, router(control, store)).await {
         tracing::error!(error = %e, "The HTTP API stopped");

@@ -82,6 +82,7 @@ impl TestPool {
             r#"state_dir = "{state}"
 libvirt_uri = "{uri}"
 control_socket = "{state}/control.sock"
+api_socket = "{state}/api.sock"
 
 [[pool]]
 name = "{name}"
