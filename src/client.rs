@@ -3,7 +3,9 @@
 //! The endpoint and token come from, in order: the command-line flags, the environment
 //! (`WARMPOOL_API`, `WARMPOOL_TOKEN`), and the client configuration file
 //! (`$WARMPOOL_CLIENT_CONFIG`, else `~/.config/warmpool/client.toml`) with the keys `api` and
-//! `token`. Errors from the API come back as [`ClientError::Api`], whose message is the one line
+//! `token`. An endpoint is `http://host:port`, or `unix:/path` for the daemon's root-only unix
+//! socket, where no token is needed; with none given, root on the host uses the default unix
+//! socket. Errors from the API come back as [`ClientError::Api`], whose message is the one line
 //! an operator needs.
 
 use std::path::PathBuf;
@@ -15,14 +17,16 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Where the daemon's API listens unless told otherwise: the address the README suggests.
+/// Where the daemon's API listens over TCP when the README's example is followed.
 pub const DEFAULT_API: &str = "http://127.0.0.1:9464";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("Cannot read the client configuration {path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("`{0}` is not an API address such as http://127.0.0.1:9464")]
+    #[error(
+        "`{0}` is not an API address such as http://127.0.0.1:9464 or unix:/run/warmpool/api.sock"
+    )]
     Endpoint(String),
     #[error("Cannot reach the API at {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
@@ -42,9 +46,15 @@ struct ClientConfig {
 }
 
 pub struct ApiClient {
-    /// `host:port` to connect to.
-    authority: String,
+    transport: Transport,
     token: Option<String>,
+}
+
+enum Transport {
+    /// `host:port` to connect to.
+    Tcp(String),
+    /// The daemon's unix socket: root only, no token needed.
+    Unix(PathBuf),
 }
 
 impl ApiClient {
@@ -54,18 +64,31 @@ impl ApiClient {
         let api = api
             .or_else(|| std::env::var("WARMPOOL_API").ok())
             .or(file.api)
-            .unwrap_or_else(|| DEFAULT_API.into());
+            .unwrap_or_else(default_endpoint);
         let token = token.or_else(|| std::env::var("WARMPOOL_TOKEN").ok()).or(file.token);
-        let authority = api
-            .strip_prefix("http://")
-            .map(|rest| rest.trim_end_matches('/').to_owned())
-            .filter(|authority| !authority.is_empty() && !authority.contains('/'))
-            .ok_or_else(|| ClientError::Endpoint(api.clone()))?;
-        Ok(ApiClient { authority, token })
+        let transport = if let Some(path) = api.strip_prefix("unix:") {
+            Transport::Unix(PathBuf::from(path))
+        } else {
+            let authority = api
+                .strip_prefix("http://")
+                .map(|rest| rest.trim_end_matches('/').to_owned())
+                .filter(|authority| !authority.is_empty() && !authority.contains('/'))
+                .ok_or_else(|| ClientError::Endpoint(api.clone()))?;
+            Transport::Tcp(authority)
+        };
+        Ok(ApiClient { transport, token })
     }
 
+    /// Whether the client can authenticate: with a token, or as root on the unix socket.
     pub fn has_token(&self) -> bool {
-        self.token.is_some()
+        self.token.is_some() || matches!(self.transport, Transport::Unix(_))
+    }
+
+    fn endpoint(&self) -> String {
+        match &self.transport {
+            Transport::Tcp(authority) => authority.clone(),
+            Transport::Unix(path) => format!("unix:{}", path.display()),
+        }
     }
 
     /// Sends one request and returns the JSON answer (`Null` for an empty one).
@@ -126,20 +149,29 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let token = self.token.as_ref().ok_or(ClientError::NoToken)?;
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        tokio::spawn(connection);
-
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.authority)
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        let (mut sender, host) = match &self.transport {
+            Transport::Tcp(authority) => {
+                let stream = tokio::net::TcpStream::connect(authority)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                (self.handshake(stream).await?, authority.as_str())
+            }
+            Transport::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                (self.handshake(stream).await?, "localhost")
+            }
+        };
+        let mut request =
+            Request::builder().method(method).uri(path).header(hyper::header::HOST, host);
+        match (&self.token, &self.transport) {
+            (Some(token), _) => {
+                request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            }
+            (None, Transport::Unix(_)) => {}
+            (None, Transport::Tcp(_)) => return Err(ClientError::NoToken),
+        }
         let body = match body {
             Some(body) => {
                 request = request.header(hyper::header::CONTENT_TYPE, "application/json");
@@ -152,8 +184,22 @@ impl ApiClient {
         sender.send_request(request).await.map_err(|e| self.connect_error(e))
     }
 
+    async fn handshake<S>(
+        &self,
+        stream: S,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
     fn connect_error(&self, reason: impl std::fmt::Display) -> ClientError {
-        ClientError::Connect { endpoint: self.authority.clone(), reason: reason.to_string() }
+        ClientError::Connect { endpoint: self.endpoint(), reason: reason.to_string() }
     }
 }
 
@@ -167,6 +213,17 @@ fn api_error(status: StatusCode, value: &Value) -> ClientError {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("HTTP {status}")),
         field: error["field"].as_str().map(str::to_owned),
+    }
+}
+
+/// Root on the host talks to the daemon's unix socket; anyone else to the TCP address.
+fn default_endpoint() -> String {
+    let socket = std::path::Path::new(crate::config::DEFAULT_API_SOCKET);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 && socket.exists() {
+        format!("unix:{}", socket.display())
+    } else {
+        DEFAULT_API.to_owned()
     }
 }
 
@@ -222,6 +279,8 @@ mod tests {
     fn endpoints_must_be_plain_http_addresses() {
         std::env::set_var("WARMPOOL_CLIENT_CONFIG", "/nonexistent/client.toml");
         assert!(ApiClient::resolve(Some("http://127.0.0.1:1".into()), None).is_ok());
+        assert!(ApiClient::resolve(Some("unix:/run/x.sock".into()), None).unwrap().has_token());
+        assert!(!ApiClient::resolve(Some("http://h:1".into()), None).unwrap().has_token());
         for bad in ["127.0.0.1:1", "http://", "http://h:1/path", "ftp://h"] {
             assert!(
                 matches!(ApiClient::resolve(Some(bad.into()), None), Err(ClientError::Endpoint(_))),

@@ -199,6 +199,16 @@ async fn serve_and_exec_as_an_operator_uses_them() {
         response
     };
     assert!(host.starts_with("HTTP/1.0 200") && host.contains("\"draining\":false"), "{host}");
+    let unix_api = format!("unix:{}", unix.display());
+    let out = Command::new(BIN)
+        .args(["tenant", "list", "--api", &unix_api])
+        .env_remove("WARMPOOL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("acme"),
+        "root needs no token on the socket: {out:?}"
+    );
     let out = cli(&["host", "drain"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{out:?}");
     let out = warmpool(&["exec", "--socket", socket_arg, "--", "true"]);
