@@ -91,6 +91,8 @@ struct RawConfig {
     control_socket: Option<PathBuf>,
     api_socket: Option<PathBuf>,
     api_listen: Option<String>,
+    tls_certificate: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
 }
@@ -127,7 +129,15 @@ pub struct Config {
     pub api_socket: PathBuf,
     /// The TCP address of the HTTP API; none serves it on the unix socket alone.
     pub api_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain and private key: with them, the TCP address speaks TLS.
+    pub tls: Option<TlsFiles>,
     pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +250,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
     };
 
+    let tls = match (raw.tls_certificate, raw.tls_key) {
+        (Some(certificate), Some(key)) => {
+            check_absolute("tls_certificate", &certificate)?;
+            check_absolute("tls_key", &key)?;
+            Some(TlsFiles { certificate, key })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid("tls_key", "tls_certificate needs its key"))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid("tls_certificate", "tls_key needs its certificate"))
+        }
+    };
+    if tls.is_some() && api_listen.is_none() {
+        return Err(ConfigError::invalid(
+            "api_listen",
+            "TLS is for the TCP address, which is not set",
+        ));
+    }
+
     let mut pools: Vec<PoolConfig> = Vec::with_capacity(raw.pools.len());
     for (index, raw_pool) in raw.pools.into_iter().enumerate() {
         let pool = validate_pool(index, raw_pool)?;
@@ -251,7 +282,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         pools.push(pool);
     }
-    Ok(Config { state_dir, libvirt_uri, control_socket, api_socket, api_listen, pools })
+    Ok(Config { state_dir, libvirt_uri, control_socket, api_socket, api_listen, tls, pools })
 }
 
 fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> {
@@ -423,6 +454,9 @@ mod tests {
         assert_eq!(invalid_field(&format!("{MINIMAL}{MINIMAL}")), "pools[1].name");
         assert_eq!(invalid_field("state_dir = \"/x\""), "pool");
         assert_eq!(invalid_field(&format!("api_listen = \"localhost\"\n{MINIMAL}")), "api_listen");
+        assert_eq!(invalid_field(&format!("tls_certificate = \"/c.pem\"\n{MINIMAL}")), "tls_key");
+        let tls_only = format!("tls_certificate = \"/c.pem\"\ntls_key = \"/k.pem\"\n{MINIMAL}");
+        assert_eq!(invalid_field(&tls_only), "api_listen");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum DaemonError {
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] api::TlsError),
     #[error("Cannot listen on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -66,8 +68,18 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|source| DaemonError::Listen { address, source })?;
-            info!(%address, "HTTP API serving");
-            Some(tokio::spawn(api::serve(listener, control.clone(), store.clone())))
+            let task = match &config.tls {
+                Some(files) => {
+                    let acceptor = api::tls_acceptor(files)?;
+                    info!(%address, "HTTP API serving with TLS");
+                    tokio::spawn(api::serve_tls(listener, acceptor, control.clone(), store.clone()))
+                }
+                None => {
+                    info!(%address, "HTTP API serving");
+                    tokio::spawn(api::serve(listener, control.clone(), store.clone()))
+                }
+            };
+            Some(task)
         }
         None => None,
     };

@@ -133,6 +133,73 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
 }
 
 /// Serves the API on `listener` until the task is dropped.
+/// A TLS handshake that takes longer than this is abandoned, so that idle connections cannot
+/// pile up.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot use {path} for TLS: {reason}")]
+pub struct TlsError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// Reads the PEM certificate chain and private key of the API's TLS.
+pub fn tls_acceptor(
+    files: &crate::config::TlsFiles,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let error = |path: &std::path::Path, reason: String| TlsError { path: path.to_owned(), reason };
+    let chain = CertificateDer::pem_file_iter(&files.certificate)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| error(&files.certificate, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(error(&files.certificate, "no certificate in the file".into()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| error(&files.key, e.to_string()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(&files.certificate, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| error(&files.key, e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the API over TLS on `listener`, one task per connection.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    control: Arc<Control>,
+    store: Arc<Store>,
+) {
+    let app = router(control, store);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "Accepting an API connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
 /// Marks requests that came through the unix socket, which only root can open.
 #[derive(Clone, Copy)]
 pub(crate) struct LocalRoot;

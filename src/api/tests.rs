@@ -602,3 +602,55 @@ async fn a_cancelled_local_job_fails_and_its_slot_reverts() {
     waited.await.expect("the slot is ready again");
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_speaks_tls_with_the_configured_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new(Boot::Ready).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let files = crate::config::TlsFiles {
+        certificate: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+    };
+    std::fs::write(&files.certificate, certified.cert.pem()).unwrap();
+    std::fs::write(&files.key, certified.key_pair.serialize_pem()).unwrap();
+
+    let acceptor = tls_acceptor(&files).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server =
+        tokio::spawn(serve_tls(listener, acceptor, fixture.control.clone(), fixture.store.clone()));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+
+    // Plain HTTP on the TLS port gets nothing.
+    let mut plain = tokio::net::TcpStream::connect(address).await.unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("200"));
+
+    // A key that is not PEM is a clear error naming the file.
+    std::fs::write(&files.key, "not a key").unwrap();
+    let error = tls_acceptor(&files).err().expect("an error").to_string();
+    assert!(error.contains("key.pem"), "{error}");
+    server.abort();
+    fixture.stop().await;
+}
