@@ -201,6 +201,7 @@ impl Control {
             tenant_id,
             events_rx,
             self.store.clone(),
+            self.metrics.clone(),
         );
         pool.submit(Job::new(id, Run::script(&shell_command(argv)), events));
         Ok(job)

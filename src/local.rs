@@ -16,6 +16,7 @@ use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
+use crate::metrics::Metrics;
 use crate::slot::{JobEvent, JobFailure};
 use crate::store::{Actor, JobTransition, Store};
 
@@ -57,6 +58,7 @@ impl LocalJobs {
         tenant_id: String,
         events: mpsc::Receiver<JobEvent>,
         store: Option<Arc<Store>>,
+        metrics: Arc<Metrics>,
     ) -> Arc<LocalJob> {
         let (cancel, cancelled) = oneshot::channel();
         let job = Arc::new(LocalJob {
@@ -71,7 +73,8 @@ impl LocalJobs {
         let jobs = self.clone();
         let relayed = job.clone();
         tokio::spawn(async move {
-            relay(&relayed, events, cancelled, store.as_ref()).await;
+            let finished = relay(&relayed, events, cancelled, store.as_ref()).await;
+            metrics.count_tenant_job(&relayed.tenant_id, finished);
             tokio::time::sleep(RETENTION).await;
             jobs.jobs.lock().expect("local jobs").remove(&id);
         });
@@ -88,7 +91,7 @@ async fn relay(
     mut events: mpsc::Receiver<JobEvent>,
     mut cancelled: oneshot::Receiver<()>,
     store: Option<&Arc<Store>>,
-) {
+) -> bool {
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
@@ -100,11 +103,12 @@ async fn relay(
         };
         let event =
             event.unwrap_or_else(|| JobEvent::Failed { reason: "The job's slot went away".into() });
-        let ended = matches!(event, JobEvent::Finished { .. } | JobEvent::Failed { .. });
+        let finished = matches!(event, JobEvent::Finished { .. });
+        let ended = finished || matches!(event, JobEvent::Failed { .. });
         record(store, &job.id, &event).await;
         job.push(event, ended);
         if ended {
-            return;
+            return finished;
         }
     }
 }
@@ -195,7 +199,7 @@ mod tests {
     async fn readers_get_every_event_from_the_start_even_when_late() {
         let jobs = Arc::new(LocalJobs::default());
         let (events, events_rx) = mpsc::channel(8);
-        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None);
+        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None, Arc::default());
         events.send(JobEvent::Started { slot: "s".into(), index: 0 }).await.unwrap();
         events.send(JobEvent::Log { line: "one".into() }).await.unwrap();
         let early = tokio::spawn(job.subscribe().collect::<Vec<_>>());
@@ -211,7 +215,7 @@ mod tests {
     async fn cancelling_drops_the_slots_channel_and_ends_the_job() {
         let jobs = Arc::new(LocalJobs::default());
         let (events, events_rx) = mpsc::channel(8);
-        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None);
+        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None, Arc::default());
         job.cancel();
         let seen: Vec<_> = job.subscribe().collect().await;
         assert_eq!(seen, vec![JobEvent::Failed { reason: JobFailure::Cancelled.to_string() }]);
@@ -222,7 +226,7 @@ mod tests {
     async fn a_reader_behind_the_buffer_is_told_what_it_missed() {
         let jobs = Arc::new(LocalJobs::default());
         let (events, events_rx) = mpsc::channel(64);
-        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None);
+        let job = jobs.track("j".into(), "p".into(), "t".into(), events_rx, None, Arc::default());
         let sender = tokio::spawn(async move {
             for i in 0..MAX_BUFFERED_EVENTS + 5 {
                 events.send(JobEvent::Log { line: i.to_string() }).await.unwrap();

@@ -68,6 +68,8 @@ struct Inner {
     histograms: BTreeMap<Series, Histogram>,
     jobs_ok: u64,
     jobs_failed: u64,
+    /// Jobs ended, by tenant id and result.
+    tenant_jobs: BTreeMap<(String, &'static str), u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -117,6 +119,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a job of `tenant` that ended: `finished` when its guest reported so, else `failed`.
+    pub fn count_tenant_job(&self, tenant: &str, finished: bool) {
+        let result = if finished { "finished" } else { "failed" };
+        let mut inner = self.inner.lock().expect("metrics lock");
+        *inner.tenant_jobs.entry((tenant.to_owned(), result)).or_default() += 1;
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let inner = self.inner.lock().expect("metrics lock");
         let samples = |series| {
@@ -156,6 +165,14 @@ impl Metrics {
         out.push_str("# HELP warmpool_jobs_total Jobs ended, by result.\n# TYPE warmpool_jobs_total counter\n");
         let _ = writeln!(out, "warmpool_jobs_total{{result=\"finished\"}} {}", inner.jobs_ok);
         let _ = writeln!(out, "warmpool_jobs_total{{result=\"failed\"}} {}", inner.jobs_failed);
+        out.push_str("# HELP warmpool_tenant_jobs_total Jobs ended, by tenant and result.\n");
+        out.push_str("# TYPE warmpool_tenant_jobs_total counter\n");
+        for ((tenant, result), count) in &inner.tenant_jobs {
+            let _ = writeln!(
+                out,
+                "warmpool_tenant_jobs_total{{tenant=\"{tenant}\",result=\"{result}\"}} {count}"
+            );
+        }
         for series in Series::ALL {
             let histogram = inner.histograms.get(&series).cloned().unwrap_or_default();
             render_histogram(&mut out, series, &histogram);
@@ -222,6 +239,8 @@ mod tests {
         metrics.record(Series::Assign, Duration::from_secs(100_000));
         metrics.count_job(true);
         metrics.count_job(false);
+        metrics.count_tenant_job("t1", true);
+        metrics.count_tenant_job("t1", true);
         let slot = |state| SlotStatus { name: "s".into(), state, error: None };
         let pools = [PoolStatus {
             name: "p".into(),
@@ -235,6 +254,7 @@ mod tests {
             "warmpool_slots{pool=\"p\",state=\"quarantined\"} 0",
             "warmpool_jobs_queued{pool=\"p\"} 3",
             "warmpool_jobs_total{result=\"failed\"} 1",
+            "warmpool_tenant_jobs_total{tenant=\"t1\",result=\"finished\"} 2",
             "warmpool_assign_seconds_bucket{le=\"0.05\"} 0",
             "warmpool_assign_seconds_bucket{le=\"0.1\"} 1",
             "warmpool_assign_seconds_bucket{le=\"0.5\"} 2",

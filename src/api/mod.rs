@@ -73,7 +73,7 @@ struct ErrorBody<'a> {
         resources::update_tenant, resources::delete_tenant,
         resources::list_tokens, resources::create_token, resources::revoke_token,
         resources::list_jobs, resources::get_job, resources::list_pools,
-        resources::get_host, resources::drain_host, resources::resume_host,
+        resources::get_host, resources::drain_host, resources::resume_host, resources::list_audit,
         resources::submit_local_job, resources::local_job_output, resources::cancel_local_job,
     ),
     components(schemas(ApiError, Health, PoolHealth, PoolStatus, SlotStatus, SlotState)),
@@ -122,6 +122,7 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
         .route("/v1/local/jobs", axum::routing::post(submit_local_job))
         .route("/v1/local/jobs/{id}", axum::routing::delete(cancel_local_job))
         .route("/v1/local/jobs/{id}/output", get(local_job_output))
+        .route("/v1/audit", get(list_audit))
         .route("/v1/host", get(get_host))
         .route("/v1/host/drain", axum::routing::post(drain_host))
         .route("/v1/host/resume", axum::routing::post(resume_host))

@@ -20,8 +20,8 @@ use crate::control::SubmitError;
 use crate::local::LocalJob;
 use crate::pool::PoolStatus;
 use crate::store::{
-    ApiToken, Grant, JobCursor, JobFilter, JobRecord, JobState, NewTenant, Role, StoreError,
-    Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS,
+    ApiToken, AuditEntry, Grant, JobCursor, JobFilter, JobRecord, JobState, NewTenant, Role,
+    StoreError, Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS,
 };
 
 /// Maps every store error to its status and code: the one place that decides them.
@@ -468,6 +468,37 @@ pub async fn list_pools(
     _caller: Caller,
 ) -> Json<Vec<PoolStatus>> {
     Json(super::pool_statuses(&state.control).await)
+}
+
+// --- audit ---------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Only entries after this entry id.
+    #[param(minimum = 0)]
+    after: Option<i64>,
+    /// At most this many entries, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+/// Every change made through the API or by the daemon: who, what, to what, when (admin only).
+#[utoipa::path(get, path = "/v1/audit", security(("bearer" = [])), params(AuditQuery), responses(
+    (status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorResponse),
+    (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
+))]
+pub async fn list_audit(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    caller.require_admin()?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    Ok(Json(state.store.call(move |store| store.list_audit(query.after, limit)).await?))
 }
 
 // --- host ----------------------------------------------------------------------------------

@@ -337,6 +337,15 @@ async fn a_tenant_token_never_reads_or_changes_another_tenant() {
         StatusCode::FORBIDDEN
     );
 
+    // The audit log is for admins, and records who did what.
+    assert_eq!(fixture.call(Method::GET, "/v1/audit", me, None).await.0, StatusCode::FORBIDDEN);
+    let (status, audit) =
+        fixture.call(Method::GET, "/v1/audit?limit=1000", Some(&fixture.admin), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let creations =
+        audit.as_array().unwrap().iter().filter(|e| e["action"] == "tenant.create").count();
+    assert_eq!(creations, 3, "the local tenant, acme and globex: {audit}");
+
     // And the other tenant is untouched.
     let (_, globex_now) = fixture.call(Method::GET, &other, Some(&fixture.admin), None).await;
     assert_eq!(globex_now["weight"], 1);

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{check_limit, Actor, Store, StoreError};
 
 /// One row of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub at_ms: i64,
@@ -21,6 +21,7 @@ pub struct AuditEntry {
     pub action: String,
     /// What it was done to, as `tenant/<id>` or `slot/<pool>/<index>`.
     pub target: String,
+    #[schema(value_type = Object)]
     pub detail: Value,
 }
 
