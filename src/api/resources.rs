@@ -497,6 +497,9 @@ pub async fn list_audit(
     caller.require_admin()?;
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()))?;
+    if let Some(after) = query.after.filter(|after| *after < 0) {
+        return Err(ApiError::invalid("after", format!("{after} is not an audit entry id")));
+    }
     let limit = query.limit.unwrap_or(100);
     Ok(Json(state.store.call(move |store| store.list_audit(query.after, limit)).await?))
 }
