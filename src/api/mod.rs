@@ -71,6 +71,7 @@ struct ErrorBody<'a> {
         health, metrics, openapi,
         resources::list_tenants, resources::create_tenant, resources::get_tenant,
         resources::update_tenant, resources::delete_tenant,
+        resources::list_secrets, resources::put_secret, resources::delete_secret,
         resources::list_tokens, resources::create_token, resources::revoke_token,
         resources::list_jobs, resources::get_job, resources::list_pools,
         resources::get_host, resources::drain_host, resources::resume_host, resources::list_audit,
@@ -114,6 +115,11 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{id}", get(get_tenant).patch(update_tenant).delete(delete_tenant))
+        .route("/v1/tenants/{id}/secrets", get(list_secrets))
+        .route(
+            "/v1/tenants/{id}/secrets/{name}",
+            axum::routing::put(put_secret).delete(delete_secret),
+        )
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/jobs", get(list_jobs))

@@ -21,7 +21,7 @@ use crate::local::LocalJob;
 use crate::pool::PoolStatus;
 use crate::store::{
     ApiToken, AuditEntry, Grant, JobCursor, JobFilter, JobRecord, JobState, NewTenant, Role,
-    StoreError, Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS,
+    SecretInfo, StoreError, Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS,
 };
 
 /// Maps every store error to its status and code: the one place that decides them.
@@ -291,6 +291,72 @@ pub async fn delete_tenant(
     caller.require_admin()?;
     let actor = caller.0.actor();
     state.store.call(move |store| store.delete_tenant(&actor, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// --- secrets -------------------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecret {
+    /// The secret, such as a GitHub App private key in PEM or an Azure DevOps token. It is
+    /// encrypted at rest and never returned.
+    #[schema(min_length = 1, max_length = 65536)]
+    value: String,
+}
+
+/// Lists a tenant's secrets by name; values are never returned.
+#[utoipa::path(get, path = "/v1/tenants/{id}/secrets", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 200, body = Vec<SecretInfo>), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn list_secrets(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SecretInfo>>, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    let lookup = id.clone();
+    state.store.call(move |store| store.get_tenant(&lookup)).await?;
+    Ok(Json(state.store.call(move |store| store.list_secrets(&id)).await?))
+}
+
+/// Sets a tenant's secret; a tenant may set its own.
+#[utoipa::path(put, path = "/v1/tenants/{id}/secrets/{name}", security(("bearer" = [])),
+    params(("id" = String, Path), ("name" = String, Path)), request_body = PutSecret, responses(
+    (status = 200, body = SecretInfo), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+    (status = 404, body = ErrorResponse), (status = 413, body = ErrorResponse), (status = 415, body = ErrorResponse),
+))]
+pub async fn put_secret(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path((id, name)): Path<(String, String)>,
+    Body(body): Body<PutSecret>,
+) -> Result<Json<SecretInfo>, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    let actor = caller.0.actor();
+    let value = crate::store::Secret::new(body.value.into_bytes());
+    Ok(Json(state.store.call(move |store| store.put_secret(&actor, &id, &name, &value)).await?))
+}
+
+/// Removes a tenant's secret.
+#[utoipa::path(delete, path = "/v1/tenants/{id}/secrets/{name}", security(("bearer" = [])),
+    params(("id" = String, Path), ("name" = String, Path)), responses(
+    (status = 204), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn delete_secret(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    if !caller.sees(Some(&id)) {
+        return Err(not_found("tenant", &id));
+    }
+    let actor = caller.0.actor();
+    state.store.call(move |store| store.delete_secret(&actor, &id, &name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -663,3 +663,61 @@ async fn the_api_speaks_tls_with_the_configured_certificate() {
     server.abort();
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn secrets_are_write_only_and_stay_within_their_tenant() {
+    let fixture = Fixture::new(Boot::Ready).await;
+    let (acme, acme_token) = fixture.tenant("acme").await;
+    let (globex, _) = fixture.tenant("globex").await;
+    let me = Some(acme_token.as_str());
+    let path = format!("/v1/tenants/{acme}/secrets/app-key");
+    let (status, info) =
+        fixture.call(Method::PUT, &path, me, Some(json!({"value": "-----BEGIN KEY-----"}))).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert!(!info.to_string().contains("BEGIN"), "the value is never returned: {info}");
+    let (_, listed) =
+        fixture.call(Method::GET, &format!("/v1/tenants/{acme}/secrets"), me, None).await;
+    assert_eq!(listed[0]["name"], "app-key");
+    assert!(!listed.to_string().contains("BEGIN"), "{listed}");
+    let value = fixture.store.get_secret(&acme, "app-key").unwrap();
+    assert_eq!(value.expose(), b"-----BEGIN KEY-----");
+
+    let other = format!("/v1/tenants/{globex}/secrets/app-key");
+    assert_eq!(
+        fixture.call(Method::PUT, &other, me, Some(json!({"value": "x"}))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        fixture.call(Method::GET, &format!("/v1/tenants/{globex}/secrets"), me, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = fixture.call(Method::PUT, &path, me, Some(json!({"value": ""}))).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("value")));
+    assert_eq!(fixture.call(Method::DELETE, &path, me, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(fixture.call(Method::DELETE, &path, me, None).await.0, StatusCode::NOT_FOUND);
+    fixture.stop().await;
+}
+
+#[test]
+fn every_submit_error_maps_to_its_status() {
+    use crate::control::SubmitError;
+    let cases = [
+        (SubmitError::EmptyCommand, StatusCode::BAD_REQUEST, Some("argv")),
+        (SubmitError::Draining, StatusCode::SERVICE_UNAVAILABLE, None),
+        (
+            SubmitError::NoPool { name: "p".into(), pools: "q".into() },
+            StatusCode::BAD_REQUEST,
+            Some("pool"),
+        ),
+        (SubmitError::NoPools, StatusCode::BAD_REQUEST, Some("pool")),
+        (
+            SubmitError::Store(crate::store::StoreError::Cancelled),
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+        ),
+    ];
+    for (error, status, field) in cases {
+        let api: ApiError = error.into();
+        assert_eq!((api.status, api.field.as_deref()), (status, field));
+    }
+}

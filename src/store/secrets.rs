@@ -13,7 +13,7 @@ pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 const MAX_NAME_LEN: usize = 64;
 
 /// A secret's name and times, without its value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SecretInfo {
     pub tenant_id: String,
     pub name: String,
