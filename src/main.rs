@@ -545,10 +545,14 @@ mod cli {
             .map(|pool| {
                 let slots = pool["slots"].as_array().map_or(0, Vec::len);
                 let ready = pool["slots"].as_array().into_iter().flatten().filter(|s| s["state"] == "ready").count();
-                json!({"name": pool["name"], "slots": slots, "ready": ready, "queued": pool["queued"], "labels": pool["labels"]})
+                json!({"name": pool["name"], "slots": slots, "ready": ready, "queued": pool["queued"], "image_generation": pool["image_generation"], "labels": pool["labels"]})
             })
             .collect();
-        show(&api, &Value::Array(rows), &["name", "slots", "ready", "queued", "labels"]);
+        show(
+            &api,
+            &Value::Array(rows),
+            &["name", "slots", "ready", "queued", "image_generation", "labels"],
+        );
         Ok(ExitCode::SUCCESS)
     }
 
@@ -560,11 +564,11 @@ mod cli {
             .flatten()
             .flat_map(|pool| {
                 pool["slots"].as_array().into_iter().flatten().map(move |slot| {
-                    json!({"pool": pool["name"], "name": slot["name"], "state": slot["state"], "error": slot["error"]})
+                    json!({"pool": pool["name"], "name": slot["name"], "state": slot["state"], "job": slot["job"], "error": slot["error"]})
                 })
             })
             .collect();
-        show(&api, &Value::Array(rows), &["pool", "name", "state", "error"]);
+        show(&api, &Value::Array(rows), &["pool", "name", "state", "job", "error"]);
         Ok(ExitCode::SUCCESS)
     }
 

@@ -241,7 +241,7 @@ mod tests {
         metrics.count_job(false);
         metrics.count_tenant_job("t1", true);
         metrics.count_tenant_job("t1", true);
-        let slot = |state| SlotStatus { name: "s".into(), state, error: None };
+        let slot = |state| SlotStatus { name: "s".into(), state, job: None, error: None };
         let pools = [PoolStatus {
             name: "p".into(),
             labels: vec![],

@@ -39,6 +39,9 @@ pub struct PoolStatus {
 pub struct SlotStatus {
     pub name: String,
     pub state: SlotState,
+    /// The job the slot runs, while it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -92,6 +95,7 @@ impl Pool {
                 SlotHandle {
                     name: domain_name(&config.name, index),
                     state: SlotState::Empty,
+                    job: None,
                     error: None,
                     commands,
                     task,
@@ -239,6 +243,8 @@ fn cpu_element(accel: Acceleration, arch: Arch) -> &'static str {
 struct SlotHandle {
     name: String,
     state: SlotState,
+    /// The job last assigned, while the slot runs it.
+    job: Option<String>,
     error: Option<String>,
     commands: mpsc::Sender<SlotCommand>,
     task: JoinHandle<()>,
@@ -282,6 +288,9 @@ impl Dispatcher {
                 let slot = &mut self.slots[index];
                 slot.state = state;
                 slot.error = error;
+                if state != SlotState::Running {
+                    slot.job = None;
+                }
             }
             SlotReport::Returned { index, job } => {
                 // The slot was not ready after all; its next report says what it is.
@@ -302,8 +311,12 @@ impl Dispatcher {
         }
         while let Some(index) = self.find(SlotState::Ready) {
             let Some(job) = self.queue.pop_front() else { break };
+            let id = job.id.clone();
             match self.slots[index].commands.try_send(SlotCommand::Assign(job)) {
-                Ok(()) => self.slots[index].state = SlotState::Running,
+                Ok(()) => {
+                    self.slots[index].state = SlotState::Running;
+                    self.slots[index].job = Some(id);
+                }
                 Err(e) => {
                     let SlotCommand::Assign(job) = e.into_inner() else { unreachable!() };
                     self.queue.push_front(job);
@@ -353,6 +366,7 @@ impl Dispatcher {
                 .map(|slot| SlotStatus {
                     name: slot.name.clone(),
                     state: slot.state,
+                    job: slot.job.clone(),
                     error: slot.error.clone(),
                 })
                 .collect(),

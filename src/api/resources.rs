@@ -525,15 +525,35 @@ pub async fn get_job(
 
 // --- pools ---------------------------------------------------------------------------------
 
-/// The pools of this host and the state of every slot.
+/// A pool with the image generation its snapshots were built from.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolView {
+    #[serde(flatten)]
+    status: PoolStatus,
+    image_generation: u64,
+}
+
+/// The pools of this host: every slot's state and job, and the image generation.
 #[utoipa::path(get, path = "/v1/pools", security(("bearer" = [])), responses(
-    (status = 200, body = Vec<PoolStatus>), (status = 401, body = ErrorResponse),
+    (status = 200, body = Vec<PoolView>), (status = 401, body = ErrorResponse),
 ))]
 pub async fn list_pools(
     State(state): State<Arc<ApiState>>,
     _caller: Caller,
-) -> Json<Vec<PoolStatus>> {
-    Json(super::pool_statuses(&state.control).await)
+) -> Result<Json<Vec<PoolView>>, ApiError> {
+    let records = state.store.call(|store| store.list_pools()).await?;
+    let pools = super::pool_statuses(&state.control).await;
+    let views = pools
+        .into_iter()
+        .map(|status| {
+            let image_generation = records
+                .iter()
+                .find(|record| record.name == status.name)
+                .map_or(0, |record| record.image_generation);
+            PoolView { status, image_generation }
+        })
+        .collect();
+    Ok(Json(views))
 }
 
 // --- audit ---------------------------------------------------------------------------------

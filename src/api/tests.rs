@@ -386,6 +386,7 @@ async fn an_admin_manages_tenants_and_pages_through_jobs() {
     assert_eq!(seen, ["job-0", "job-1", "job-2", "job-3", "job-4"]);
     let (status, pools) = fixture.call(Method::GET, "/v1/pools", admin, None).await;
     assert_eq!((status, pools[0]["slots"][0]["state"].as_str()), (StatusCode::OK, Some("ready")));
+    assert_eq!(pools[0]["image_generation"], 0, "{pools}");
 
     let (status, _) =
         fixture.call(Method::DELETE, &format!("/v1/tenants/{acme}"), admin, None).await;
