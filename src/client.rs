@@ -43,7 +43,12 @@ pub enum ClientError {
 struct ClientConfig {
     api: Option<String>,
     token: Option<String>,
+    /// PEM certificates to trust for an https endpoint, such as the daemon's own.
+    ca: Option<PathBuf>,
 }
+
+/// The system's trusted certificates on Debian and Ubuntu, for https endpoints without `ca`.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 pub struct ApiClient {
     transport: Transport,
@@ -55,6 +60,8 @@ enum Transport {
     Tcp(String),
     /// The daemon's unix socket: root only, no token needed.
     Unix(PathBuf),
+    /// `host:port` over TLS, checked against `server_name`.
+    Tls { authority: String, server_name: String, connector: tokio_rustls::TlsConnector },
 }
 
 impl ApiClient {
@@ -66,15 +73,34 @@ impl ApiClient {
             .or(file.api)
             .unwrap_or_else(default_endpoint);
         let token = token.or_else(|| std::env::var("WARMPOOL_TOKEN").ok()).or(file.token);
+        let ca = std::env::var_os("WARMPOOL_CA").map(PathBuf::from).or(file.ca);
+        ApiClient::new(&api, token, ca.as_deref())
+    }
+
+    /// A client of the endpoint `api` (`http://…`, `https://…` or `unix:/…`); an https endpoint
+    /// trusts the certificates in `ca`, or the system's.
+    pub fn new(
+        api: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<ApiClient, ClientError> {
+        let authority = |rest: &str| {
+            Some(rest.trim_end_matches('/').to_owned())
+                .filter(|authority| !authority.is_empty() && !authority.contains('/'))
+                .ok_or_else(|| ClientError::Endpoint(api.to_owned()))
+        };
         let transport = if let Some(path) = api.strip_prefix("unix:") {
             Transport::Unix(PathBuf::from(path))
+        } else if let Some(rest) = api.strip_prefix("http://") {
+            Transport::Tcp(authority(rest)?)
+        } else if let Some(rest) = api.strip_prefix("https://") {
+            let authority = authority(rest)?;
+            let server_name =
+                authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host).to_owned();
+            let connector = tls_connector(ca.unwrap_or(std::path::Path::new(SYSTEM_ROOTS)))?;
+            Transport::Tls { authority, server_name, connector }
         } else {
-            let authority = api
-                .strip_prefix("http://")
-                .map(|rest| rest.trim_end_matches('/').to_owned())
-                .filter(|authority| !authority.is_empty() && !authority.contains('/'))
-                .ok_or_else(|| ClientError::Endpoint(api.clone()))?;
-            Transport::Tcp(authority)
+            return Err(ClientError::Endpoint(api.to_owned()));
         };
         Ok(ApiClient { transport, token })
     }
@@ -86,7 +112,7 @@ impl ApiClient {
 
     fn endpoint(&self) -> String {
         match &self.transport {
-            Transport::Tcp(authority) => authority.clone(),
+            Transport::Tcp(authority) | Transport::Tls { authority, .. } => authority.clone(),
             Transport::Unix(path) => format!("unix:{}", path.display()),
         }
     }
@@ -162,6 +188,16 @@ impl ApiClient {
                     .map_err(|e| self.connect_error(e))?;
                 (self.handshake(stream).await?, "localhost")
             }
+            Transport::Tls { authority, server_name, connector } => {
+                let stream = tokio::net::TcpStream::connect(authority)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                    .map_err(|_| ClientError::Endpoint(authority.clone()))?;
+                let tls =
+                    connector.connect(name, stream).await.map_err(|e| self.connect_error(e))?;
+                (self.handshake(tls).await?, authority.as_str())
+            }
         };
         let mut request =
             Request::builder().method(method).uri(path).header(hyper::header::HOST, host);
@@ -170,7 +206,7 @@ impl ApiClient {
                 request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             }
             (None, Transport::Unix(_)) => {}
-            (None, Transport::Tcp(_)) => return Err(ClientError::NoToken),
+            (None, Transport::Tcp(_) | Transport::Tls { .. }) => return Err(ClientError::NoToken),
         }
         let body = match body {
             Some(body) => {
@@ -214,6 +250,25 @@ fn api_error(status: StatusCode, value: &Value) -> ClientError {
             .unwrap_or_else(|| format!("HTTP {status}")),
         field: error["field"].as_str().map(str::to_owned),
     }
+}
+
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let error = |reason: String| ClientError::Config { path: ca.to_owned(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).map_err(|e| error(e.to_string()))? {
+        roots
+            .add(certificate.map_err(|e| error(e.to_string()))?)
+            .map_err(|e| error(e.to_string()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
 }
 
 /// Root on the host talks to the daemon's unix socket; anyone else to the TCP address.
@@ -281,7 +336,7 @@ mod tests {
         assert!(ApiClient::resolve(Some("http://127.0.0.1:1".into()), None).is_ok());
         assert!(ApiClient::resolve(Some("unix:/run/x.sock".into()), None).unwrap().has_token());
         assert!(!ApiClient::resolve(Some("http://h:1".into()), None).unwrap().has_token());
-        for bad in ["127.0.0.1:1", "http://", "http://h:1/path", "ftp://h"] {
+        for bad in ["127.0.0.1:1", "http://", "http://h:1/path", "ftp://h", "https://"] {
             assert!(
                 matches!(ApiClient::resolve(Some(bad.into()), None), Err(ClientError::Endpoint(_))),
                 "{bad}"

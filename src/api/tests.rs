@@ -650,6 +650,27 @@ async fn the_api_speaks_tls_with_the_configured_certificate() {
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.0 200"), "{response}");
 
+    // The CLI's client trusts the certificate given as its `ca`, and no other.
+    let endpoint = format!("https://localhost:{}", address.port());
+    let client = crate::client::ApiClient::new(
+        &endpoint,
+        Some(fixture.admin.clone()),
+        Some(&files.certificate),
+    )
+    .unwrap();
+    let host = client.call(Method::GET, "/v1/host", None).await.unwrap();
+    assert_eq!(host["draining"], false, "{host}");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let other_ca = dir.path().join("other.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let untrusting =
+        crate::client::ApiClient::new(&endpoint, Some(fixture.admin.clone()), Some(&other_ca))
+            .unwrap();
+    assert!(
+        untrusting.call(Method::GET, "/v1/host", None).await.is_err(),
+        "an unknown certificate is refused"
+    );
+
     // Plain HTTP on the TLS port gets nothing.
     let mut plain = tokio::net::TcpStream::connect(address).await.unwrap();
     plain.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
