@@ -231,8 +231,8 @@ pub async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>, sto
 
 #[derive(Serialize, ToSchema)]
 struct Health {
-    /// `ok`; `degraded` when some pool has no slot that can take a job; `draining` while the
-    /// host takes no new jobs.
+    /// `ok`; `starting` while some pool has not built a slot yet; `degraded` when some pool has
+    /// no slot that can take a job; `draining` while the host takes no new jobs.
     status: &'static str,
     pools: Vec<PoolHealth>,
 }
@@ -246,16 +246,16 @@ struct PoolHealth {
     queued: usize,
 }
 
-/// 200 while every pool can serve; 503 when a pool's slots are all quarantined or the host is
-/// draining, so that a load balancer or an alert can tell a host that takes jobs from one that
-/// cannot.
+/// 200 while every pool can serve; 503 while starting, draining, or when a pool's slots are all
+/// quarantined, so that a load balancer or an alert can tell a host that takes jobs from one
+/// that cannot.
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, description = "Every pool can take jobs", body = Health),
-    (status = 503, description = "Some pool has every slot quarantined, or the host drains", body = Health),
+    (status = 503, description = "Starting, draining, or some pool has every slot quarantined", body = Health),
 ))]
 async fn health(State(state): State<Arc<ApiState>>) -> Response {
-    let pools = pool_statuses(&state.control).await;
-    let pools: Vec<PoolHealth> = pools
+    let statuses = pool_statuses(&state.control).await;
+    let pools: Vec<PoolHealth> = statuses
         .iter()
         .map(|pool| PoolHealth {
             name: pool.name.clone(),
@@ -266,10 +266,17 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
         })
         .collect();
     let degraded = pools.iter().any(|pool| pool.quarantined == pool.slots);
-    let (status, word) = match (state.control.is_draining(), degraded) {
-        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (false, true) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
-        (false, false) => (StatusCode::OK, "ok"),
+    let starting = statuses.iter().any(|pool| {
+        pool.slots.iter().all(|slot| matches!(slot.state, SlotState::Empty | SlotState::Building))
+    });
+    let (status, word) = if state.control.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if starting {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    } else if degraded {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
     };
     (status, Json(Health { status: word, pools })).into_response()
 }

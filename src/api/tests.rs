@@ -743,3 +743,22 @@ fn every_submit_error_maps_to_its_status() {
         assert_eq!((api.status, api.field.as_deref()), (status, field));
     }
 }
+
+#[tokio::test]
+async fn health_says_starting_until_a_pool_has_built_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    fake.set_boot(Boot::Silent);
+    let config = crate::pool::tests::config(dir.path(), 1, 1);
+    let metrics = Arc::new(Metrics::default());
+    let pool = Pool::start(&config, dir.path(), Arc::new(fake), metrics.clone());
+    let control = Arc::new(Control::new(vec![pool], metrics));
+    let store = Arc::new(Store::open(&dir.path().join("db"), &dir.path().join("key")).unwrap());
+    let router = router(control.clone(), store);
+    let request = axum::http::Request::get("/healthz").body(Body::empty()).unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"status\":\"starting\""));
+    crate::daemon::shutdown(&control).await;
+}
