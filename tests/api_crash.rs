@@ -3,34 +3,20 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::TestPool;
+use support::{Daemon, TestPool, BIN};
 use warmpool::config::Arch;
 use warmpool::store::Store;
 
-const BIN: &str = env!("CARGO_BIN_EXE_warmpool");
 /// Kills are spread over this many rounds; each restart rebuilds the pool's one slot.
 const ROUNDS: usize = 6;
 
-fn start(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_healthy(port: u16, daemon: &mut Child) {
+async fn wait_healthy(port: u16, daemon: &mut Daemon) {
     let began = Instant::now();
     loop {
-        assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+        assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon exited:\n{}", daemon.log());
         if let Some((200, _)) = support::http(port, "GET", "/healthz", None, None).await {
             return;
         }
@@ -52,7 +38,7 @@ async fn a_daemon_killed_during_api_writes_restarts_consistent() {
     std::fs::write(&config, format!("api_listen = \"127.0.0.1:{port}\"\n{}", pool.text)).unwrap();
     let log = pool.state_dir.join("daemon.log");
 
-    let mut daemon = start(&config, &log);
+    let mut daemon = Daemon::start(&config, &log);
     wait_healthy(port, &mut daemon).await;
     let socket = pool.config.control_socket.to_str().unwrap().to_owned();
     let out = Command::new(BIN)
@@ -87,13 +73,13 @@ async fn a_daemon_killed_during_api_writes_restarts_consistent() {
         };
         let delay_ms = 40 + (round as u64 * 97) % 400;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
+        daemon.signal("-KILL");
+        daemon.wait(Duration::from_secs(10));
         let created = writer.await.unwrap();
         assert!(!created.is_empty(), "round {round}: the kill came before any write");
         confirmed.extend(created);
 
-        daemon = start(&config, &log);
+        daemon = Daemon::start(&config, &log);
         wait_healthy(port, &mut daemon).await;
         let (status, listed) =
             support::http(port, "GET", "/v1/tenants", Some(&token), None).await.unwrap();
@@ -107,8 +93,8 @@ async fn a_daemon_killed_during_api_writes_restarts_consistent() {
     }
 
     eprintln!("{} tenants confirmed across {ROUNDS} kills", confirmed.len());
-    Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
-    assert!(daemon.wait().unwrap().success());
+    daemon.signal("-TERM");
+    assert!(daemon.wait(Duration::from_secs(60)).success());
     let store =
         Store::open(&pool.state_dir.join("warmpool.db"), &pool.state_dir.join("host.key")).unwrap();
     assert_eq!(store.integrity_problems().unwrap(), Vec::<String>::new());

@@ -4,59 +4,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::TestPool;
+use support::{Daemon, TestPool, BIN};
 use warmpool::config::Arch;
 use warmpool::control::{Client, Request, Response};
 use warmpool::hypervisor::libvirt::Libvirt;
 use warmpool::hypervisor::Hypervisor;
 use warmpool::slot::SlotState;
-
-const BIN: &str = env!("CARGO_BIN_EXE_warmpool");
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, log: &Path) -> Daemon {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        Daemon { child, log: log.to_owned() }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status =
-            Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let began = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(began.elapsed() < timeout, "the daemon did not exit:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 /// Waits until the daemon answers and all its slots are ready.
 async fn wait_ready(daemon: &mut Daemon, socket: &Path) {
@@ -76,16 +33,6 @@ async fn wait_ready(daemon: &mut Daemon, socket: &Path) {
         }
         assert!(began.elapsed() < support::SETTLE_TIMEOUT, "never ready:\n{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A test that fails must not leave its daemon running.
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

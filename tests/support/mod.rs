@@ -260,3 +260,59 @@ pub async fn http(
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     Some((status, body))
 }
+
+/// The `warmpool` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_warmpool");
+
+/// A `warmpool serve` child process, killed when a failing test drops it.
+pub struct Daemon {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path) -> Daemon {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = std::process::Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Daemon { child, log: log.to_owned() }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let began = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(began.elapsed() < timeout, "the daemon did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
