@@ -25,8 +25,9 @@ use crate::store::Store;
 
 pub mod resources;
 
-/// The largest request body: tenant settings and names are small.
-const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The largest request body: a secret of the store's largest size in JSON, with room to spare,
+/// so that a too large secret gets the store's own error naming the field.
+const MAX_BODY_BYTES: usize = 2 * crate::store::MAX_SECRET_BYTES + 4096;
 
 /// The content type of the Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -715,6 +715,14 @@ async fn secrets_are_write_only_and_stay_within_their_tenant() {
     );
     let (status, body) = fixture.call(Method::PUT, &path, me, Some(json!({"value": ""}))).await;
     assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("value")));
+    let too_long = "a".repeat(crate::store::MAX_SECRET_BYTES + 1);
+    let (status, body) =
+        fixture.call(Method::PUT, &path, me, Some(json!({"value": too_long}))).await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("value")),
+        "{body}"
+    );
     assert_eq!(fixture.call(Method::DELETE, &path, me, None).await.0, StatusCode::NO_CONTENT);
     assert_eq!(fixture.call(Method::DELETE, &path, me, None).await.0, StatusCode::NOT_FOUND);
     fixture.stop().await;
