@@ -212,7 +212,8 @@ impl Control {
         self.local.get(id)
     }
 
-    async fn status(&self) -> Vec<PoolStatus> {
+    /// The status of every pool.
+    pub async fn status(&self) -> Vec<PoolStatus> {
         let mut pools = Vec::with_capacity(self.pools.len());
         for pool in &self.pools {
             if let Some(status) = pool.status().await {

@@ -255,7 +255,7 @@ struct PoolHealth {
     (status = 503, description = "Starting, draining, or some pool has every slot quarantined", body = Health),
 ))]
 async fn health(State(state): State<Arc<ApiState>>) -> Response {
-    let statuses = pool_statuses(&state.control).await;
+    let statuses = state.control.status().await;
     let pools: Vec<PoolHealth> = statuses
         .iter()
         .map(|pool| PoolHealth {
@@ -287,7 +287,7 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
     (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
 ))]
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let pools = pool_statuses(&state.control).await;
+    let pools = state.control.status().await;
     let mut text = state.control.metrics().render_prometheus(&pools);
     text.push_str("# HELP warmpool_api_requests_total HTTP API requests by route and status.\n");
     text.push_str("# TYPE warmpool_api_requests_total counter\n");
@@ -335,16 +335,6 @@ async fn count_requests(
     let key = (route, response.status().as_u16());
     *state.requests.lock().expect("request counters").entry(key).or_default() += 1;
     response
-}
-
-pub(crate) async fn pool_statuses(control: &Control) -> Vec<PoolStatus> {
-    let mut statuses = Vec::with_capacity(control.pools().len());
-    for pool in control.pools() {
-        if let Some(status) = pool.status().await {
-            statuses.push(status);
-        }
-    }
-    statuses
 }
 
 #[cfg(test)]

@@ -542,7 +542,7 @@ pub async fn list_pools(
     _caller: Caller,
 ) -> Result<Json<Vec<PoolView>>, ApiError> {
     let records = state.store.call(|store| store.list_pools()).await?;
-    let pools = super::pool_statuses(&state.control).await;
+    let pools = state.control.status().await;
     let views = pools
         .into_iter()
         .map(|status| {
@@ -603,7 +603,7 @@ pub struct Host {
 }
 
 async fn host(state: &ApiState) -> Host {
-    let pools = super::pool_statuses(&state.control).await;
+    let pools = state.control.status().await;
     Host {
         draining: state.control.is_draining(),
         jobs_running: pools.iter().map(|pool| pool.count(crate::slot::SlotState::Running)).sum(),
