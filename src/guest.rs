@@ -101,6 +101,9 @@ pub enum Run {
     /// A shell script, base64-encoded so that a minimal guest can decode it without a JSON
     /// parser.
     Command { script_b64: String },
+    /// A GitHub Actions runner registered for this one job: the guest starts it with
+    /// `--jitconfig`, and it takes one job and exits.
+    GithubRunner { jit_config: String },
 }
 
 impl Run {

@@ -6,6 +6,8 @@
 //! `fake:hang`, `fake:poweroff`, `fake:flood`, `fake:garbage` or `fake:finish-early` misbehaves
 //! in the named way; any other script is answered with one log line per line of the script and
 //! a `finished` whose exit code is the number after the last `exit ` in the script, or 0.
+//! A GitHub runner job runs the script set with [`FakeHypervisor::set_runner_script`] the same
+//! way, after a first log line naming the length of its JIT configuration.
 //!
 //! Failures of the hypervisor itself are injected with [`FakeHypervisor::fail`].
 
@@ -42,6 +44,8 @@ struct State {
     saved: HashMap<PathBuf, String>,
     failures: HashMap<&'static str, u32>,
     log: Vec<String>,
+    /// What a fake guest runs for a GitHub runner job.
+    runner_script: String,
 }
 
 struct FakeDomain {
@@ -76,6 +80,12 @@ impl FakeHypervisor {
     /// Sets how guests started from now on boot.
     pub fn set_boot(&self, boot: Boot) {
         *self.boot.lock().unwrap() = boot;
+    }
+
+    /// Sets what fake guests run for GitHub runner jobs, in the script language above; empty
+    /// by default, which finishes at once with exit code 0.
+    pub fn set_runner_script(&self, script: &str) {
+        self.state.lock().unwrap().runner_script = script.to_owned();
     }
 
     /// Makes the next `times` calls of `operation` ("start", "save", "restore", "resume",
@@ -168,9 +178,17 @@ async fn run_guest(
         return;
     }
     let Ok(job) = serde_json::from_str::<JobMessage>(&line) else { return };
-    let Run::Command { script_b64 } = &job.run;
-    let script = base64::engine::general_purpose::STANDARD.decode(script_b64).unwrap_or_default();
-    let script = String::from_utf8_lossy(&script).into_owned();
+    let script = match &job.run {
+        Run::Command { script_b64 } => {
+            let script =
+                base64::engine::general_purpose::STANDARD.decode(script_b64).unwrap_or_default();
+            String::from_utf8_lossy(&script).into_owned()
+        }
+        Run::GithubRunner { jit_config } => {
+            let script = state.lock().unwrap().runner_script.clone();
+            format!("runner with a JIT configuration of {} bytes\n{script}", jit_config.len())
+        }
+    };
     if run_job(&mut write, &job.job, &script).await.is_ok() {
         // The reference guest powers off after `finished`; its domain then disappears.
         state.lock().unwrap().domains.remove(&name);
