@@ -298,9 +298,20 @@ mod tests {
         let message: JobMessage = serde_json::from_slice(&line).unwrap();
         assert_eq!(message.kind, "job");
         assert_eq!(message.job, "j1");
-        let Run::Command { script_b64 } = message.run;
+        let Run::Command { script_b64 } = message.run else { panic!("{:?}", message.run) };
         let script = base64::engine::general_purpose::STANDARD.decode(script_b64).unwrap();
         assert_eq!(script, b"echo hi");
         assert!(message.unix_time_ms > 1_600_000_000_000);
+    }
+
+    #[test]
+    fn a_runner_job_message_names_its_kind_and_carries_the_configuration() {
+        let message =
+            JobMessage::new("j2", Run::GithubRunner { jit_config: "eyJhIjoxfQ==".into() });
+        let line = serde_json::to_value(&message).unwrap();
+        assert_eq!(
+            line["run"],
+            serde_json::json!({"kind": "github_runner", "jit_config": "eyJhIjoxfQ=="})
+        );
     }
 }

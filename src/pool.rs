@@ -5,6 +5,13 @@
 //! assigns queued jobs to `Ready` slots and restores `Saved` slots until the slots in memory
 //! match the pool's `ready` count plus the jobs waiting. Slots carry the decisions out in their
 //! own tasks ([`crate::slot`]), so a slow restore never holds up the pool.
+//!
+//! Besides the queue, a slot can be reserved ([`Pool::reserve`]) for a job that does not exist
+//! yet: the scheduler reserves a slot before a provider registers a runner for it, so that a
+//! runner is only ever registered for a slot that will take its job. A reserved slot is kept
+//! out of the queue's reach until the reservation's job arrives or the reservation is dropped.
+//! The pool's capacity ([`Pool::capacity`]) is how many more jobs it could take at once: slots
+//! ready, restoring or saved, neither reserved nor wanted by a queued job.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -54,6 +61,9 @@ impl PoolStatus {
 
 enum Request {
     Submit(Job),
+    Reserve(oneshot::Sender<Option<(usize, String)>>),
+    SubmitReserved(usize, Job),
+    Release(usize),
     Status(oneshot::Sender<PoolStatus>),
     Shutdown,
 }
@@ -64,6 +74,7 @@ pub struct Pool {
     labels: Vec<String>,
     ready_target: usize,
     requests: mpsc::UnboundedSender<Request>,
+    capacity: watch::Receiver<usize>,
     stopping: watch::Sender<bool>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -97,13 +108,17 @@ impl Pool {
                     state: SlotState::Empty,
                     job: None,
                     error: None,
+                    reserved: false,
+                    pinned: None,
                     commands,
                     task,
                 }
             })
             .collect();
         let (requests, requests_rx) = mpsc::unbounded_channel();
+        let (capacity_tx, capacity) = watch::channel(0);
         let dispatcher = Dispatcher {
+            capacity: capacity_tx,
             name: config.name.clone(),
             dir: spec.dir.clone(),
             labels: config.labels.clone(),
@@ -118,6 +133,7 @@ impl Pool {
             labels: config.labels.clone(),
             ready_target: config.ready as usize,
             requests,
+            capacity,
             stopping,
             task: std::sync::Mutex::new(Some(task)),
         }
@@ -138,6 +154,19 @@ impl Pool {
         {
             job.fail("the pool is shutting down");
         }
+    }
+
+    /// How many more jobs the pool could take at once, kept current.
+    pub fn capacity(&self) -> watch::Receiver<usize> {
+        self.capacity.clone()
+    }
+
+    /// Reserves a slot with room for one job, if the pool has one.
+    pub async fn reserve(&self) -> Option<Reservation> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(Request::Reserve(tx)).ok()?;
+        let (index, slot_name) = rx.await.ok()??;
+        Some(Reservation { index, slot_name, requests: Some(self.requests.clone()) })
     }
 
     pub async fn status(&self) -> Option<PoolStatus> {
@@ -240,14 +269,57 @@ fn cpu_element(accel: Acceleration, arch: Arch) -> &'static str {
     }
 }
 
+/// A slot kept for one job; dropping it unused gives the slot back.
+pub struct Reservation {
+    index: usize,
+    slot_name: String,
+    requests: Option<mpsc::UnboundedSender<Request>>,
+}
+
+impl Reservation {
+    pub fn slot_name(&self) -> &str {
+        &self.slot_name
+    }
+
+    /// Hands the job to the reserved slot, which runs it as soon as it is ready. Should the
+    /// slot fail first, the job waits in the pool's queue for another.
+    pub fn submit(mut self, job: Job) {
+        let requests = self.requests.take().expect("a reservation is used once");
+        if let Err(mpsc::error::SendError(Request::SubmitReserved(_, job))) =
+            requests.send(Request::SubmitReserved(self.index, job))
+        {
+            job.fail("the pool is shutting down");
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(requests) = self.requests.take() {
+            let _ = requests.send(Request::Release(self.index));
+        }
+    }
+}
+
 struct SlotHandle {
     name: String,
     state: SlotState,
     /// The job last assigned, while the slot runs it.
     job: Option<String>,
     error: Option<String>,
+    /// Kept for a reservation: the queue does not take it.
+    reserved: bool,
+    /// The reservation's job, waiting for the slot to be ready.
+    pinned: Option<Job>,
     commands: mpsc::Sender<SlotCommand>,
     task: JoinHandle<()>,
+}
+
+impl SlotHandle {
+    /// Whether the slot is, or is about to be, ready for a job.
+    fn available(&self) -> bool {
+        matches!(self.state, SlotState::Ready | SlotState::Restoring | SlotState::Saved)
+    }
 }
 
 struct Dispatcher {
@@ -258,6 +330,7 @@ struct Dispatcher {
     ready_target: usize,
     slots: Vec<SlotHandle>,
     queue: VecDeque<Job>,
+    capacity: watch::Sender<usize>,
 }
 
 impl Dispatcher {
@@ -270,6 +343,14 @@ impl Dispatcher {
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(Request::Submit(job)) => self.queue.push_back(job),
+                    Some(Request::Reserve(reply)) => {
+                        self.dispatch();
+                        let reserved = self.reserve();
+                        self.publish_capacity();
+                        let _ = reply.send(reserved);
+                    }
+                    Some(Request::SubmitReserved(index, job)) => self.pin(index, job),
+                    Some(Request::Release(index)) => self.slots[index].reserved = false,
                     Some(Request::Status(reply)) => {
                         let _ = reply.send(self.status());
                     }
@@ -278,6 +359,7 @@ impl Dispatcher {
                 Some(report) = reports.recv() => self.apply(report),
             }
             self.dispatch();
+            self.publish_capacity();
         }
         self.shutdown(reports).await;
     }
@@ -302,14 +384,54 @@ impl Dispatcher {
         }
     }
 
+    /// Picks a slot for a reservation: ready before restoring before saved, leaving enough
+    /// for the queued jobs.
+    fn reserve(&mut self) -> Option<(usize, String)> {
+        if self.free() == 0 {
+            return None;
+        }
+        let index =
+            [SlotState::Ready, SlotState::Restoring, SlotState::Saved].into_iter().find_map(
+                |state| self.slots.iter().position(|slot| slot.state == state && !slot.reserved),
+            )?;
+        self.slots[index].reserved = true;
+        // A saved slot restores now, for the job on its way.
+        self.dispatch();
+        Some((index, self.slots[index].name.clone()))
+    }
+
+    fn pin(&mut self, index: usize, job: Job) {
+        let slot = &mut self.slots[index];
+        if slot.reserved && slot.pinned.is_none() && slot.available() {
+            slot.pinned = Some(job);
+        } else {
+            slot.reserved = false;
+            self.queue.push_front(job);
+        }
+    }
+
+    /// Slots available for more jobs than the queue holds.
+    fn free(&self) -> usize {
+        let unreserved =
+            self.slots.iter().filter(|slot| slot.available() && !slot.reserved).count();
+        unreserved.saturating_sub(self.queue.len())
+    }
+
+    fn publish_capacity(&self) {
+        let free = self.free();
+        self.capacity.send_if_modified(|capacity| std::mem::replace(capacity, free) != free);
+    }
+
     /// Assigns queued jobs to ready slots, then restores saved slots so that the slots in
     /// memory cover the ready count and the jobs still waiting.
     fn dispatch(&mut self) {
         self.queue.retain(|job| !job.events.is_closed());
+        self.unpin_failed_slots();
         if !self.queue.is_empty() && self.count(SlotState::Quarantined) == self.slots.len() {
             self.fail_queue_while_quarantined();
         }
-        while let Some(index) = self.find(SlotState::Ready) {
+        self.assign_pinned();
+        while let Some(index) = self.find_unreserved(SlotState::Ready) {
             let Some(job) = self.queue.pop_front() else { break };
             let id = job.id.clone();
             match self.slots[index].commands.try_send(SlotCommand::Assign(job)) {
@@ -325,14 +447,64 @@ impl Dispatcher {
             }
         }
 
-        let in_memory = self.count(SlotState::Ready) + self.count(SlotState::Restoring);
+        // Reserved slots restore first: a job is on its way to each.
+        let reserved_saved: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].reserved && self.slots[i].state == SlotState::Saved)
+            .collect();
+        for index in reserved_saved {
+            self.restore(index);
+        }
+        let in_memory =
+            self.count_unreserved(SlotState::Ready) + self.count_unreserved(SlotState::Restoring);
         let wanted = self.ready_target + self.queue.len();
         for _ in in_memory..wanted {
-            let Some(index) = self.find(SlotState::Saved) else { break };
-            if self.slots[index].commands.try_send(SlotCommand::Restore).is_err() {
+            let Some(index) = self.find_unreserved(SlotState::Saved) else { break };
+            if !self.restore(index) {
                 break;
             }
-            self.slots[index].state = SlotState::Restoring;
+        }
+    }
+
+    fn restore(&mut self, index: usize) -> bool {
+        if self.slots[index].commands.try_send(SlotCommand::Restore).is_err() {
+            return false;
+        }
+        self.slots[index].state = SlotState::Restoring;
+        true
+    }
+
+    /// Hands reserved slots that are ready their jobs.
+    fn assign_pinned(&mut self) {
+        for slot in &mut self.slots {
+            if slot.state != SlotState::Ready || slot.pinned.is_none() {
+                continue;
+            }
+            let job = slot.pinned.take().expect("checked above");
+            let id = job.id.clone();
+            match slot.commands.try_send(SlotCommand::Assign(job)) {
+                Ok(()) => {
+                    slot.state = SlotState::Running;
+                    slot.job = Some(id);
+                    slot.reserved = false;
+                }
+                Err(e) => {
+                    let SlotCommand::Assign(job) = e.into_inner() else { unreachable!() };
+                    slot.pinned = Some(job);
+                }
+            }
+        }
+    }
+
+    /// A reserved slot that fell out of service (quarantined, rebuilding) gives its job to the
+    /// queue, and its reservation up.
+    fn unpin_failed_slots(&mut self) {
+        for slot in &mut self.slots {
+            if slot.reserved && !slot.available() && slot.state != SlotState::Reverting {
+                slot.reserved = false;
+                if let Some(job) = slot.pinned.take() {
+                    self.queue.push_front(job);
+                }
+            }
         }
     }
 
@@ -347,8 +519,12 @@ impl Dispatcher {
         }
     }
 
-    fn find(&self, state: SlotState) -> Option<usize> {
-        self.slots.iter().position(|slot| slot.state == state)
+    fn find_unreserved(&self, state: SlotState) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.state == state && !slot.reserved)
+    }
+
+    fn count_unreserved(&self, state: SlotState) -> usize {
+        self.slots.iter().filter(|slot| slot.state == state && !slot.reserved).count()
     }
 
     fn count(&self, state: SlotState) -> usize {
@@ -374,7 +550,8 @@ impl Dispatcher {
     }
 
     async fn shutdown(mut self, mut reports: mpsc::UnboundedReceiver<SlotReport>) {
-        for job in self.queue.drain(..) {
+        let pinned = self.slots.iter_mut().filter_map(|slot| slot.pinned.take());
+        for job in self.queue.drain(..).chain(pinned.collect::<Vec<_>>()) {
             job.fail("the daemon is shutting down");
         }
         for slot in &self.slots {

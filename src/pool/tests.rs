@@ -179,3 +179,59 @@ async fn jobs_fail_at_once_when_every_slot_is_quarantined() {
     }
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reserved_slot_is_kept_from_the_queue_and_runs_its_own_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 2, 1);
+    tokio::time::timeout(WAIT, pool.built()).await.unwrap();
+    assert_eq!(*pool.capacity().borrow(), 2, "one ready and one saved slot");
+
+    let reservation = pool.reserve().await.expect("room for one");
+    assert_eq!(reservation.slot_name(), "warmpool-test-0", "the ready slot first");
+    assert_eq!(*pool.capacity().borrow(), 1);
+    // A queued job takes the other slot, restored for it, and leaves no room.
+    let queued = submit(&pool, "fake:hang");
+    wait_for(&pool, |status| status.slots[1].state == SlotState::Running).await;
+    assert_eq!(*pool.capacity().borrow(), 0);
+    assert!(pool.reserve().await.is_none());
+
+    let (events, events_rx) = mpsc::channel(64);
+    reservation.submit(Job::new("pinned".into(), Run::script("exit 6"), events));
+    assert_eq!(last_event(events_rx).await, JobEvent::Finished { exit_code: 6 });
+    drop(queued);
+    wait_for(&pool, |status| status.count(SlotState::Running) == 0).await;
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dropped_reservation_gives_its_slot_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 1, 1);
+    tokio::time::timeout(WAIT, pool.built()).await.unwrap();
+    let reservation = pool.reserve().await.unwrap();
+    assert!(pool.reserve().await.is_none());
+    let queued = submit(&pool, "exit 2");
+    drop(reservation);
+    assert_eq!(last_event(queued).await, JobEvent::Finished { exit_code: 2 });
+    let mut capacity = pool.capacity();
+    tokio::time::timeout(WAIT, capacity.wait_for(|free| *free == 1)).await.unwrap().unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reserved_saved_slot_is_restored_for_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeHypervisor::new();
+    let pool = start(&fake, dir.path(), 2, 0);
+    let status = tokio::time::timeout(WAIT, pool.built()).await.unwrap();
+    assert_eq!(status.count(SlotState::Saved), 2, "{status:?}");
+    let reservation = pool.reserve().await.unwrap();
+    wait_for(&pool, |status| status.count(SlotState::Ready) == 1).await;
+    let (events, events_rx) = mpsc::channel(64);
+    reservation.submit(Job::new("pinned".into(), Run::script("exit 0"), events));
+    assert_eq!(last_event(events_rx).await, JobEvent::Finished { exit_code: 0 });
+    pool.shutdown().await;
+}
