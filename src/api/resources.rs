@@ -155,9 +155,10 @@ pub struct CreateTenant {
     #[schema(pattern = r"^[a-z][a-z0-9_-]{0,63}$")]
     name: String,
     kind: TenantKind,
-    /// Kind-specific settings: for `github`, `owner`, `app_id`, `installation_id` and optionally
-    /// `repository` and `api_url`; for `azure`, `organization_url` and `agent_pool`; for
-    /// `local`, nothing.
+    /// Kind-specific settings: for `github`, the scope (`owner`, `owner` and `repository`, or
+    /// `enterprise`), `app_id` and `installation_id` for a GitHub App (else the secret `token`
+    /// is used), and optionally `runner_group_id`, `labels` and `api_url`; for `azure`,
+    /// `organization_url` and `agent_pool`; for `local`, nothing.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object)]
     settings: serde_json::Value,

@@ -29,6 +29,8 @@ use super::{check_limit, is_unique_violation, Actor, Store, StoreError};
 /// The longest failure reason kept; a longer one, which a guest can cause, is cut.
 pub const MAX_FAILURE_BYTES: usize = 4096;
 const MAX_ID_LEN: usize = 128;
+/// The largest detail a job keeps from its CI service.
+const MAX_DETAIL_BYTES: usize = 16 * 1024;
 /// The page size of a [`JobFilter`] that does not choose one.
 const DEFAULT_PAGE: u32 = 100;
 
@@ -156,6 +158,11 @@ pub struct JobRecord {
     pub finished_at_ms: Option<i64>,
     pub exit_code: Option<i32>,
     pub failure: Option<String>,
+    /// What the job's CI service says of it, e.g. a GitHub job's id, repository, runner and
+    /// conclusion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// Where a page of jobs ended. Opaque to callers; it travels through the API as text.
@@ -232,6 +239,7 @@ impl Store {
                 finished_at_ms: None,
                 exit_code: None,
                 failure: None,
+                detail: None,
             };
             transaction
                 .execute(
@@ -268,6 +276,26 @@ impl Store {
             apply(transaction, &mut job, transition, now_ms)?;
             update(transaction, &job)?;
             let event = Event::new(action, target(&job.id), &job);
+            Ok((job, event))
+        })
+    }
+
+    /// Replaces what the job's CI service says of it.
+    pub fn set_job_detail(
+        &self,
+        actor: &Actor,
+        id: &str,
+        detail: serde_json::Value,
+    ) -> Result<JobRecord, StoreError> {
+        let text = detail.to_string();
+        if text.len() > MAX_DETAIL_BYTES {
+            return Err(StoreError::invalid("detail", format!("over {MAX_DETAIL_BYTES} bytes")));
+        }
+        self.mutate(actor, |transaction, _| {
+            let mut job = get_job(transaction, id)?;
+            transaction.execute("UPDATE jobs SET detail = ?2 WHERE id = ?1", params![id, text])?;
+            job.detail = Some(detail);
+            let event = Event::new("job.detail", target(&job.id), &job);
             Ok((job, event))
         })
     }
@@ -376,7 +404,7 @@ fn update(connection: &Connection, job: &JobRecord) -> Result<(), StoreError> {
 }
 
 const JOB_COLUMNS: &str = "id, tenant_id, pool, slot_index, state, queued_at_ms, assigned_at_ms,
-    started_at_ms, finished_at_ms, exit_code, failure";
+    started_at_ms, finished_at_ms, exit_code, failure, detail";
 
 fn get_job(connection: &Connection, id: &str) -> Result<JobRecord, StoreError> {
     connection
@@ -401,6 +429,9 @@ fn job_columns(row: &Row<'_>, first: usize) -> rusqlite::Result<JobRecord> {
         finished_at_ms: row.get(first + 8)?,
         exit_code: row.get(first + 9)?,
         failure: row.get(first + 10)?,
+        detail: row
+            .get::<_, Option<String>>(first + 11)?
+            .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)),
     })
 }
 

@@ -30,6 +30,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tracing::{info, warn};
 
 mod audit;
+mod deliveries;
 mod jobs;
 pub mod key;
 mod schema;
@@ -43,7 +44,9 @@ pub use audit::AuditEntry;
 pub use jobs::{JobCursor, JobFilter, JobPage, JobRecord, JobState, JobTransition, NewJob};
 pub use key::Secret;
 pub use secrets::{SecretInfo, MAX_SECRET_BYTES};
-pub use settings::{AzureSettings, GithubSettings, LocalSettings, TenantSettings};
+pub use settings::{
+    secret_names, AzureSettings, GithubScope, GithubSettings, LocalSettings, TenantSettings,
+};
 pub use slots::{PoolRecord, SlotRecord};
 pub use tenants::{NewTenant, Tenant, TenantChange, TenantKind, MAX_CONCURRENT_JOBS, MAX_WEIGHT};
 pub use tokens::{ApiToken, Grant, IssuedToken, Role, TOKEN_PREFIX};

@@ -20,7 +20,22 @@ pub(super) struct Migration {
     pub sql: &'static str,
 }
 
-pub(super) const MIGRATIONS: &[Migration] = &[Migration { name: "initial", sql: INITIAL }];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration { name: "initial", sql: INITIAL },
+    Migration { name: "ci-service detail", sql: CI_SERVICE_DETAIL },
+];
+
+/// What CI services say of jobs, and the webhook deliveries already acted upon, which a
+/// service may send again.
+const CI_SERVICE_DETAIL: &str = r#"
+ALTER TABLE jobs ADD COLUMN detail TEXT CHECK (detail IS NULL OR json_valid(detail));
+
+CREATE TABLE webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    received_at_ms INTEGER NOT NULL
+) STRICT;
+CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at_ms);
+"#;
 
 const INITIAL: &str = r#"
 -- Facts about the database itself, such as which host key seals its secrets.
@@ -190,6 +205,6 @@ mod tests {
         let mut connection = Connection::open_in_memory().unwrap();
         connection.pragma_update(None, "user_version", 99).unwrap();
         let err = migrate(&mut connection, MIGRATIONS).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, known: 1 }), "{err:?}");
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, known: 2 }), "{err:?}");
     }
 }

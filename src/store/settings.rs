@@ -3,7 +3,8 @@
 //! Settings arrive as JSON (from the API) and are stored as JSON text. Both ways go through
 //! [`TenantSettings::parse`], so what is stored is always what the checks accept, and every
 //! error names its field as `settings.installation_id`. Secrets (a GitHub App's private key,
-//! an Azure token) are not settings: they go to the tenant's sealed secrets.
+//! an Azure token) are not settings: they go to the tenant's sealed secrets, under the names
+//! in [`secret_names`].
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -21,20 +22,66 @@ pub enum TenantSettings {
     Local(LocalSettings),
 }
 
-/// A GitHub organisation, user or enterprise, or one repository of it, reached through a
-/// GitHub App installation.
+/// The names of the sealed secrets a tenant's CI service needs.
+pub mod secret_names {
+    /// The secret that signs a GitHub tenant's webhook deliveries.
+    pub const GITHUB_WEBHOOK: &str = "webhook_secret";
+    /// A GitHub App's private key (PEM), for tenants with `app_id`.
+    pub const GITHUB_APP_KEY: &str = "app_private_key";
+    /// A fine-grained personal access token, for tenants without `app_id`.
+    pub const GITHUB_TOKEN: &str = "token";
+}
+
+/// A GitHub organisation (or user), one repository, or an enterprise, reached through a GitHub
+/// App installation or a fine-grained token.
+///
+/// Exactly one scope: `owner` alone (an organisation), `owner` and `repository`, or
+/// `enterprise`. With `app_id` and `installation_id` the App's private key is the secret
+/// `app_private_key`; without them the secret `token` is used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GithubSettings {
-    /// The account the App is installed on.
-    pub owner: String,
+    /// The account (organisation or user) the runners register with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Set when the tenant is one repository of `owner` rather than all of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
-    pub app_id: u64,
-    pub installation_id: u64,
+    /// The enterprise's slug, for an enterprise tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enterprise: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installation_id: Option<u64>,
     /// The API root of a GitHub Enterprise Server; github.com's when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// The runner group the tenant's runners join; 1, the default group, when absent.
+    pub runner_group_id: u64,
+    /// The labels the tenant's jobs may ask for; any pool's labels when empty.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Where a GitHub tenant's runners register.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GithubScope {
+    Organization(String),
+    Repository(String, String),
+    Enterprise(String),
+}
+
+impl GithubSettings {
+    pub fn scope(&self) -> GithubScope {
+        match (&self.enterprise, &self.owner, &self.repository) {
+            (Some(enterprise), _, _) => GithubScope::Enterprise(enterprise.clone()),
+            (None, Some(owner), Some(repository)) => {
+                GithubScope::Repository(owner.clone(), repository.clone())
+            }
+            (None, Some(owner), None) => GithubScope::Organization(owner.clone()),
+            (None, None, _) => unreachable!("parse_github requires owner or enterprise"),
+        }
+    }
 }
 
 /// An Azure DevOps organisation and the agent pool whose jobs the host takes.
@@ -76,23 +123,68 @@ impl TenantSettings {
 }
 
 fn parse_github(value: &Value) -> Result<GithubSettings, StoreError> {
-    let fields =
-        Fields::of(value, &["owner", "repository", "app_id", "installation_id", "api_url"])?;
+    let fields = Fields::of(
+        value,
+        &[
+            "owner",
+            "repository",
+            "enterprise",
+            "app_id",
+            "installation_id",
+            "api_url",
+            "runner_group_id",
+            "labels",
+        ],
+    )?;
     let settings = GithubSettings {
-        owner: fields.required_string("owner")?,
+        owner: fields.string("owner")?,
         repository: fields.string("repository")?,
-        app_id: fields.required_id("app_id")?,
-        installation_id: fields.required_id("installation_id")?,
+        enterprise: fields.string("enterprise")?,
+        app_id: fields.id("app_id")?,
+        installation_id: fields.id("installation_id")?,
         api_url: fields.string("api_url")?,
+        runner_group_id: fields.id("runner_group_id")?.unwrap_or(1),
+        labels: fields.labels("labels")?,
     };
-    check_github_name("owner", &settings.owner, 39, &[])?;
-    if let Some(repository) = &settings.repository {
-        check_github_name("repository", repository, 100, &['_', '.'])?;
+    check_github_scope(&settings)?;
+    match (settings.app_id, settings.installation_id) {
+        (Some(_), None) => return Err(invalid("installation_id", "is required with app_id")),
+        (None, Some(_)) => return Err(invalid("app_id", "is required with installation_id")),
+        _ => {}
     }
     if let Some(url) = &settings.api_url {
-        check_https_url("api_url", url)?;
+        check_api_url("api_url", url)?;
     }
     Ok(settings)
+}
+
+fn check_github_scope(settings: &GithubSettings) -> Result<(), StoreError> {
+    match (&settings.enterprise, &settings.owner, &settings.repository) {
+        (Some(enterprise), None, None) => check_github_name("enterprise", enterprise, 60, &[]),
+        (Some(_), _, _) => {
+            Err(invalid("enterprise", "an enterprise tenant has no owner or repository"))
+        }
+        (None, None, _) => Err(invalid("owner", "is required (or enterprise)")),
+        (None, Some(owner), repository) => {
+            check_github_name("owner", owner, 39, &[])?;
+            match repository {
+                Some(repository) => check_github_name("repository", repository, 100, &['_', '.']),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// An API root: https, or plain http to this host only (a local proxy, or a test server).
+fn check_api_url(field: &str, url: &str) -> Result<(), StoreError> {
+    let loopback = ["http://127.0.0.1:", "http://[::1]:", "http://localhost:"];
+    if loopback.iter().any(|prefix| url.starts_with(prefix))
+        && url.len() <= MAX_URL_LEN
+        && !url.chars().any(char::is_whitespace)
+    {
+        return Ok(());
+    }
+    check_https_url(field, url)
 }
 
 fn parse_azure(value: &Value) -> Result<AzureSettings, StoreError> {
@@ -171,15 +263,38 @@ impl<'a> Fields<'a> {
         self.string(name)?.ok_or_else(|| invalid(name, "is required"))
     }
 
-    /// A positive integer id, as GitHub gives Apps and installations.
-    fn required_id(&self, name: &str) -> Result<u64, StoreError> {
+    /// A positive integer id, as GitHub gives Apps, installations and runner groups.
+    fn id(&self, name: &str) -> Result<Option<u64>, StoreError> {
         match self.object.get(name) {
-            None | Some(Value::Null) => Err(invalid(name, "is required")),
+            None | Some(Value::Null) => Ok(None),
             Some(value) => match value.as_u64() {
-                Some(id) if id > 0 && id <= i64::MAX as u64 => Ok(id),
+                Some(id) if id > 0 && id <= i64::MAX as u64 => Ok(Some(id)),
                 _ => Err(invalid(name, "must be a positive integer")),
             },
         }
+    }
+
+    /// Runner labels: at most 100, each 1 to 256 printable characters without commas.
+    fn labels(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let items = match self.object.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(items)) if items.len() <= 100 => items,
+            Some(_) => return Err(invalid(name, "must be a list of at most 100 labels")),
+        };
+        items
+            .iter()
+            .map(|item| match item.as_str() {
+                Some(label)
+                    if !label.is_empty()
+                        && label.len() <= 256
+                        && !label.contains(',')
+                        && !label.chars().any(char::is_control) =>
+                {
+                    Ok(label.to_owned())
+                }
+                _ => Err(invalid(name, "labels are 1 to 256 characters, without commas")),
+            })
+            .collect()
     }
 }
 
@@ -222,9 +337,41 @@ mod tests {
     }
 
     #[test]
+    fn github_scopes_credentials_and_defaults() {
+        let parse = |value: Value| match TenantSettings::parse(TenantKind::Github, &value) {
+            Ok(TenantSettings::Github(settings)) => settings,
+            other => panic!("{other:?}"),
+        };
+        let org = parse(github());
+        assert_eq!(org.scope(), GithubScope::Organization("acme".into()));
+        assert_eq!((org.runner_group_id, org.labels.len()), (1, 0));
+        let repo = parse(json!({ "owner": "acme", "repository": "app.rs", "runner_group_id": 7 }));
+        assert_eq!(repo.scope(), GithubScope::Repository("acme".into(), "app.rs".into()));
+        assert_eq!((repo.app_id, repo.runner_group_id), (None, 7), "a token tenant");
+        let enterprise = parse(json!({ "enterprise": "big-co", "labels": ["Windows", "arm64"] }));
+        assert_eq!(enterprise.scope(), GithubScope::Enterprise("big-co".into()));
+        assert_eq!(enterprise.labels, ["Windows", "arm64"]);
+        let local = parse(with(github(), "api_url", json!("http://127.0.0.1:8080/api/v3")));
+        assert!(local.api_url.is_some(), "plain http to this host is allowed");
+    }
+
+    #[test]
     fn errors_name_the_bad_setting() {
         let github_kind = TenantKind::Github;
         let without_installation = json!({ "owner": "acme", "app_id": 12 });
+        assert_eq!(
+            invalid_field(github_kind, json!({ "owner": "acme", "enterprise": "big" })),
+            "settings.enterprise"
+        );
+        assert_eq!(invalid_field(github_kind, json!({ "repository": "x" })), "settings.owner");
+        assert_eq!(
+            invalid_field(github_kind, with(github(), "labels", json!(["a,b"]))),
+            "settings.labels"
+        );
+        assert_eq!(
+            invalid_field(github_kind, with(github(), "runner_group_id", json!(-1))),
+            "settings.runner_group_id"
+        );
         assert_eq!(invalid_field(github_kind, without_installation), "settings.installation_id");
         assert_eq!(
             invalid_field(github_kind, with(github(), "installation_id", json!(0))),

@@ -166,11 +166,11 @@ fn reopening_keeps_every_record() {
 #[test]
 fn a_database_from_a_newer_warmpool_is_refused() {
     let fixture = Fixture::new();
-    fixture.raw().pragma_update(None, "user_version", 2).unwrap();
+    fixture.raw().pragma_update(None, "user_version", 3).unwrap();
     let Fixture { dir, store, clock } = fixture;
     drop(store);
     let err = open_with_clock(dir.path(), &clock).unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 2, known: 1 }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 3, known: 2 }), "{err:?}");
     assert!(err.to_string().contains("newer warmpool"), "{err}");
 }
 
@@ -307,7 +307,7 @@ fn tenants_are_created_listed_updated_and_deleted() {
         ("acme-corp", 7, 4)
     );
     let TenantSettings::Github(settings) = &updated.settings else { panic!("{updated:?}") };
-    assert_eq!(settings.installation_id, 5);
+    assert_eq!(settings.installation_id, Some(5));
     assert!(updated.updated_at_ms > created.updated_at_ms);
     assert_eq!(updated.created_at_ms, created.created_at_ms);
 
@@ -856,4 +856,28 @@ async fn async_callers_use_the_store_through_the_blocking_pool() {
     let id = tenant.id.clone();
     let found = store.call(move |store| store.get_tenant(&id)).await.unwrap();
     assert_eq!(found, tenant);
+}
+
+#[test]
+fn a_delivery_is_new_once_and_forgotten_after_a_week() {
+    let fixture = Fixture::new();
+    assert!(fixture.store.record_delivery("d-1").unwrap());
+    assert!(!fixture.store.record_delivery("d-1").unwrap());
+    assert!(fixture.store.record_delivery("d-2").unwrap());
+    assert!(fixture.store.record_delivery("").is_err());
+    fixture.clock.fetch_add(8 * 24 * 3600 * 1000, Ordering::SeqCst);
+    assert!(fixture.store.record_delivery("d-1").unwrap(), "a week on, d-1 is forgotten");
+}
+
+#[test]
+fn a_jobs_detail_is_kept_and_listed() {
+    let fixture = Fixture::new();
+    fixture.pool();
+    let tenant = fixture.tenant("t");
+    fixture.job("gh-1", &tenant);
+    let detail = json!({ "github_job_id": 42, "conclusion": "success" });
+    fixture.store.set_job_detail(&ROOT, "gh-1", detail.clone()).unwrap();
+    assert_eq!(fixture.store.get_job("gh-1").unwrap().detail, Some(detail));
+    let huge = json!({ "x": "y".repeat(20_000) });
+    assert!(fixture.store.set_job_detail(&ROOT, "gh-1", huge).is_err());
 }
