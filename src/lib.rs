@@ -20,6 +20,7 @@ pub mod hypervisor;
 pub mod local;
 pub mod metrics;
 pub mod pool;
+pub mod provider;
 pub mod scheduler;
 pub mod slot;
 pub mod store;
