@@ -95,6 +95,36 @@ struct RawConfig {
     tls_key: Option<PathBuf>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
+    #[serde(default)]
+    github: GithubConfig,
+}
+
+/// How the host works with GitHub, for all GitHub tenants.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GithubConfig {
+    /// Names this host in its runners' names (`warmpool-<host_name>-<slot>-<job>`); the
+    /// kernel's host name when absent. Hosts that share a GitHub tenant need different names.
+    pub host_name: Option<String>,
+    /// How often queued jobs and registered runners are checked against GitHub, to recover
+    /// from lost webhooks and leaked registrations.
+    pub reconcile_interval_secs: u64,
+    /// A runner that has not taken a job this long after its guest started is removed.
+    pub runner_idle_timeout_secs: u64,
+    /// After GitHub reports a runner's job completed, how long the runner may take to exit
+    /// on its own before its guest is stopped.
+    pub completed_grace_secs: u64,
+}
+
+impl Default for GithubConfig {
+    fn default() -> GithubConfig {
+        GithubConfig {
+            host_name: None,
+            reconcile_interval_secs: 60,
+            runner_idle_timeout_secs: 300,
+            completed_grace_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +162,7 @@ pub struct Config {
     /// PEM certificate chain and private key: with them, the TCP address speaks TLS.
     pub tls: Option<TlsFiles>,
     pub pools: Vec<PoolConfig>,
+    pub github: GithubConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -282,7 +313,33 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         pools.push(pool);
     }
-    Ok(Config { state_dir, libvirt_uri, control_socket, api_socket, api_listen, tls, pools })
+    let github = validate_github(raw.github)?;
+    Ok(Config {
+        state_dir,
+        libvirt_uri,
+        control_socket,
+        api_socket,
+        api_listen,
+        tls,
+        pools,
+        github,
+    })
+}
+
+fn validate_github(github: GithubConfig) -> Result<GithubConfig, ConfigError> {
+    if let Some(host_name) = &github.host_name {
+        let plain = host_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if host_name.is_empty() || host_name.len() > 20 || !plain {
+            return Err(ConfigError::invalid(
+                "github.host_name",
+                "1 to 20 of a-z, A-Z, 0-9 and `-`: it is part of runner names",
+            ));
+        }
+    }
+    check_range("github.reconcile_interval_secs", github.reconcile_interval_secs, 5, 86_400)?;
+    check_range("github.runner_idle_timeout_secs", github.runner_idle_timeout_secs, 10, 86_400)?;
+    check_range("github.completed_grace_secs", github.completed_grace_secs, 0, 3_600)?;
+    Ok(github)
 }
 
 fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> {

@@ -20,6 +20,7 @@ use crate::guest::Run;
 use crate::local::{LocalJob, LocalJobs};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolStatus};
+use crate::provider::github::GithubProvider;
 use crate::slot::{Job, JobEvent};
 use crate::store::{Actor, NewJob, Store};
 use futures_util::StreamExt;
@@ -114,6 +115,8 @@ pub struct Control {
     /// While set, the host takes no new jobs; running ones go on.
     draining: std::sync::atomic::AtomicBool,
     local: Arc<LocalJobs>,
+    /// Set once the daemon has started its GitHub provider, which needs the control first.
+    github: std::sync::OnceLock<Arc<GithubProvider>>,
 }
 
 impl Control {
@@ -126,12 +129,22 @@ impl Control {
             local_tenant: String::new(),
             draining: Default::default(),
             local: Arc::default(),
+            github: std::sync::OnceLock::new(),
         }
     }
 
     /// Records local jobs in `store` as jobs of the tenant `local_tenant`.
     pub fn with_store(self, store: Arc<Store>, local_tenant: String) -> Control {
         Control { store: Some(store), local_tenant, ..self }
+    }
+
+    /// Gives webhooks their provider.
+    pub fn set_github(&self, provider: Arc<GithubProvider>) {
+        let _ = self.github.set(provider);
+    }
+
+    pub fn github(&self) -> Option<&Arc<GithubProvider>> {
+        self.github.get()
     }
 
     pub fn pools(&self) -> &[Pool] {

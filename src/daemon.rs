@@ -15,6 +15,8 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::provider::github::{self, GithubProvider};
+use crate::scheduler::Scheduler;
 use crate::slot::SlotState;
 use crate::store::{
     Actor, JobFilter, JobState, JobTransition, NewTenant, Store, StoreError, TenantKind,
@@ -55,8 +57,14 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     let (store, local_tenant) = open_store(&config).await?;
     let metrics = Arc::new(Metrics::default());
     let control =
-        start(&config, hypervisor, metrics).await?.with_store(store.clone(), local_tenant);
+        start(&config, hypervisor, metrics.clone()).await?.with_store(store.clone(), local_tenant);
     let control = Arc::new(control);
+    let scheduler = Scheduler::start(control.clone());
+    let settings = github::Settings::from_config(&config.github);
+    let pool_labels = control.pools().iter().map(|pool| pool.labels().to_vec()).collect();
+    let provider =
+        GithubProvider::start(store.clone(), scheduler, metrics.clone(), settings, pool_labels);
+    control.set_github(provider);
     let listener = control::bind(&config.control_socket)?;
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
 

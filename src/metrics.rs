@@ -34,11 +34,20 @@ pub enum Series {
     QueueWait,
     /// From a job's assignment to a slot to its end.
     Job,
+    /// From a GitHub `queued` webhook to the guest's `started`, which the guest sends once it
+    /// has the job message with the runner's configuration.
+    WebhookToStart,
 }
 
 impl Series {
-    const ALL: [Series; 5] =
-        [Series::Build, Series::Revert, Series::Assign, Series::QueueWait, Series::Job];
+    const ALL: [Series; 6] = [
+        Series::Build,
+        Series::Revert,
+        Series::Assign,
+        Series::QueueWait,
+        Series::Job,
+        Series::WebhookToStart,
+    ];
 
     fn metric(self) -> (&'static str, &'static str) {
         match self {
@@ -53,6 +62,10 @@ impl Series {
                 ("warmpool_queue_wait_seconds", "Time a job waited for a ready slot.")
             }
             Series::Job => ("warmpool_job_seconds", "Time from a job's assignment to its end."),
+            Series::WebhookToStart => (
+                "warmpool_github_webhook_to_start_seconds",
+                "Time from a GitHub queued webhook to the guest starting its runner.",
+            ),
         }
     }
 }

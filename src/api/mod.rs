@@ -24,6 +24,7 @@ use crate::slot::SlotState;
 use crate::store::Store;
 
 pub mod resources;
+pub mod webhooks;
 
 /// The largest request body: a secret of the store's largest size in JSON, with room to spare,
 /// so that a too large secret gets the store's own error naming the field.
@@ -77,6 +78,7 @@ struct ErrorBody<'a> {
         resources::list_jobs, resources::get_job, resources::list_pools,
         resources::get_host, resources::drain_host, resources::resume_host, resources::list_audit,
         resources::submit_local_job, resources::local_job_output, resources::cancel_local_job,
+        webhooks::github,
     ),
     components(schemas(ApiError, Health, PoolHealth, PoolStatus, SlotStatus, SlotState)),
     modifiers(&BearerAuth)
@@ -133,6 +135,7 @@ pub fn router(control: Arc<Control>, store: Arc<Store>) -> Router {
         .route("/v1/host", get(get_host))
         .route("/v1/host/drain", axum::routing::post(drain_host))
         .route("/v1/host/resume", axum::routing::post(resume_host))
+        .route("/webhooks/github", axum::routing::post(webhooks::github))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -770,3 +770,63 @@ async fn health_says_starting_until_a_pool_has_built_a_slot() {
     assert!(String::from_utf8_lossy(&body).contains("\"status\":\"starting\""));
     crate::daemon::shutdown(&control).await;
 }
+
+#[tokio::test]
+async fn webhook_deliveries_answer_with_the_status_their_check_gives() {
+    use crate::provider::github::{client::RetryPolicy, fake, GithubProvider, Settings};
+    let fixture = Fixture::new(Boot::Ready).await;
+    let webhook = |event: &str, signature: Option<String>, body: &str| {
+        let mut request = axum::http::Request::builder()
+            .method(Method::POST)
+            .uri("/webhooks/github")
+            .header("x-github-event", event)
+            .header("x-github-delivery", uuid::Uuid::new_v4().to_string());
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    };
+    let (status, _, text) = fixture.raw(webhook("ping", None, "{}")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+
+    let scheduler = crate::scheduler::Scheduler::start(fixture.control.clone());
+    let settings = Settings {
+        host_name: "h".into(),
+        reconcile_interval: std::time::Duration::from_secs(3600),
+        runner_idle_timeout: std::time::Duration::from_secs(60),
+        completed_grace: std::time::Duration::from_secs(1),
+        retry: RetryPolicy::default(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let labels = vec![vec!["linux".to_string()]];
+    let provider =
+        GithubProvider::start(fixture.store.clone(), scheduler, metrics, settings, labels);
+    fixture.control.set_github(provider);
+    let tenant = fixture.store.create_tenant(
+        &Actor::LocalRoot,
+        crate::store::NewTenant {
+            name: "gh".into(),
+            kind: crate::store::TenantKind::Github,
+            settings: json!({ "owner": "acme" }),
+            weight: 1,
+            max_concurrent_jobs: 0,
+        },
+    );
+    let tenant = tenant.unwrap();
+    let secret = crate::store::Secret::new(b"s3cret".to_vec());
+    fixture.store.put_secret(&Actor::LocalRoot, &tenant.id, "webhook_secret", &secret).unwrap();
+
+    let sign = |body: &str| Some(fake::signature(b"s3cret", body.as_bytes()));
+    let (status, _, text) = fixture.raw(webhook("ping", None, "{}")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    let forged = Some(fake::signature(b"guess", b"{}"));
+    let (status, _, text) = fixture.raw(webhook("ping", forged, "{}")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    let (status, _, text) = fixture.raw(webhook("ping", sign("{}"), "{}")).await;
+    assert_eq!((status, text.contains("accepted")), (StatusCode::OK, true), "{text}");
+    let (status, _, text) = fixture.raw(webhook("workflow_job", sign("[1"), "[1")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("not a GitHub delivery"), "{text}");
+    let (status, _, text) = fixture.raw(webhook("issues", sign("{}"), "{}")).await;
+    assert_eq!((status, text.contains("ignored")), (StatusCode::OK, true), "{text}");
+}

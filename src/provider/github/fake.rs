@@ -320,6 +320,19 @@ struct State {
     next_runner_id: u64,
     next_run_id: u64,
     next_job_id: u64,
+    /// Set by [`FakeGithub::run_jobs_on_runners`].
+    lifecycle: Option<Lifecycle>,
+    /// Jobs handed to runners since the last answer, whose webhooks are still to be sent.
+    assigned: Vec<u64>,
+}
+
+/// GitHub's side of a runner's life, played by the fake on request: a registered runner takes
+/// the oldest queued job its scope and labels fit, runs it for `job_duration` and completes it,
+/// and each change is delivered as a `workflow_job` webhook to `webhook`, if set.
+#[derive(Clone)]
+struct Lifecycle {
+    webhook: Option<(String, Vec<u8>)>,
+    job_duration: Duration,
 }
 
 /// A fake GitHub REST API on a loopback port, stopped when dropped.
@@ -420,6 +433,15 @@ impl FakeGithub {
         self.state().jobs.get(&job_id).cloned()
     }
 
+    /// Plays GitHub's side of runners from now on: each runner registered takes the oldest
+    /// queued job it fits, runs it for `job_duration` and completes it successfully, and each
+    /// step is delivered as a signed `workflow_job` webhook to `webhook` (URL and secret), if
+    /// given. A runner that fits no queued job stays idle.
+    pub fn run_jobs_on_runners(&self, webhook: Option<(&str, &[u8])>, job_duration: Duration) {
+        let webhook = webhook.map(|(url, secret)| (url.to_owned(), secret.to_vec()));
+        self.state().lifecycle = Some(Lifecycle { webhook, job_duration });
+    }
+
     /// Makes the next `times` calls of `endpoint` answer with `failure`.
     pub fn inject(&self, endpoint: Endpoint, failure: Failure, times: usize) {
         let mut state = self.state();
@@ -462,18 +484,7 @@ impl FakeGithub {
         job: &WorkflowJob,
         installation_id: Option<u64>,
     ) -> Value {
-        let api = self.url();
-        let mut event = json!({
-            "action": action,
-            "workflow_job": job.to_json(),
-            "repository": repository_json(&api, &job.owner, &job.repo),
-            "organization": organization_json(&api, &job.owner),
-            "sender": user_json(&api, SENDER_LOGIN, "User"),
-        });
-        if let Some(id) = installation_id {
-            event["installation"] = json!({ "id": id, "node_id": node_id("Integration", id) });
-        }
-        event
+        workflow_job_event_json(&self.url(), action, job, installation_id)
     }
 
     /// The body of the `ping` delivery GitHub sends when a webhook is created: an app's hook
@@ -529,6 +540,25 @@ impl FakeGithub {
     }
 }
 
+fn workflow_job_event_json(
+    api: &str,
+    action: &str,
+    job: &WorkflowJob,
+    installation_id: Option<u64>,
+) -> Value {
+    let mut event = json!({
+        "action": action,
+        "workflow_job": job.to_json(),
+        "repository": repository_json(api, &job.owner, &job.repo),
+        "organization": organization_json(api, &job.owner),
+        "sender": user_json(api, SENDER_LOGIN, "User"),
+    });
+    if let Some(id) = installation_id {
+        event["installation"] = json!({ "id": id, "node_id": node_id("Integration", id) });
+    }
+    event
+}
+
 /// GitHub's `X-Hub-Signature-256` of `body`: "sha256=" and the lowercase hex HMAC-SHA256.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
@@ -566,8 +596,42 @@ async fn answer(Shared(shared): Shared<Arc<Mutex<State>>>, request: Request) -> 
         endpoint: route.as_ref().map(Route::endpoint),
         status: reply.status,
     });
+    let assigned = std::mem::take(&mut state.assigned);
+    let lifecycle = state.lifecycle.clone();
     drop(state);
+    if let Some(lifecycle) = lifecycle {
+        for job_id in assigned {
+            tokio::spawn(run_job(shared.clone(), lifecycle.clone(), job_id));
+        }
+    }
     reply.into_response()
+}
+
+/// Plays GitHub running a job on the runner it was handed to: `in_progress` now, `completed`
+/// with success after the lifecycle's job duration.
+async fn run_job(shared: Arc<Mutex<State>>, lifecycle: Lifecycle, job_id: u64) {
+    let event = |action: &str, job: &WorkflowJob| {
+        let state = lock(&shared);
+        workflow_job_event_json(&state.url, action, job, None)
+    };
+    let job = lock(&shared).jobs[&job_id].clone();
+    let in_progress = event("in_progress", &job);
+    send_lifecycle_event(&lifecycle, &in_progress).await;
+    tokio::time::sleep(lifecycle.job_duration).await;
+    let job = lock(&shared).set_job(job_id, "completed", Some("success"), None);
+    let completed = event("completed", &job);
+    send_lifecycle_event(&lifecycle, &completed).await;
+}
+
+async fn send_lifecycle_event(lifecycle: &Lifecycle, event: &Value) {
+    let Some((target, secret)) = &lifecycle.webhook else { return };
+    let delivery = uuid::Uuid::new_v4().to_string();
+    let body = event.to_string();
+    let sent =
+        FakeGithub::deliver(target, secret, "workflow_job", &delivery, body.as_bytes()).await;
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "Fake GitHub could not deliver a webhook");
+    }
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -721,7 +785,22 @@ impl State {
             next_runner_id: 1,
             next_run_id: FIRST_RUN_ID,
             next_job_id: FIRST_JOB_ID,
+            lifecycle: None,
+            assigned: Vec::new(),
         }
+    }
+
+    /// The oldest queued job that a runner of `scope` with `labels` can take.
+    fn job_for(&self, scope: &Scope, labels: &[String]) -> Option<u64> {
+        let fits = |job: &&WorkflowJob| {
+            job.status == "queued"
+                && scope.covers(&job.owner, &job.repo)
+                && job.labels.iter().all(|wanted| {
+                    wanted.eq_ignore_ascii_case("self-hosted")
+                        || labels.iter().any(|label| label.eq_ignore_ascii_case(wanted))
+                })
+        };
+        self.jobs.values().find(fits).map(|job| job.id)
     }
 
     fn reply(&mut self, route: Option<&Route>, request: &Parts, body: &[u8]) -> Reply {
@@ -856,6 +935,12 @@ impl State {
             self.label_ids.entry(label.clone()).or_insert(next_id);
         }
         self.runners.entry(scope.clone()).or_default().push(runner.clone());
+        if self.lifecycle.is_some() {
+            if let Some(job_id) = self.job_for(scope, &request.labels) {
+                self.set_job(job_id, "in_progress", None, Some(&request.name));
+                self.assigned.push(job_id);
+            }
+        }
         self.jit_requests.push(JitRequest {
             scope: scope.clone(),
             name: request.name,
