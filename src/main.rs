@@ -178,6 +178,30 @@ enum TenantCommand {
     Remove {
         id: String,
     },
+    /// A tenant's secrets: `webhook_secret`, and `app_private_key` or `token` for GitHub.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Set a secret, read from a file or from standard input (a trailing newline is kept
+    /// off), never from the command line, where other users could read it.
+    Set {
+        tenant: String,
+        name: String,
+        /// The file holding the value, e.g. a GitHub App's private key in PEM.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+    /// List the names of a tenant's secrets; their values are never shown.
+    List {
+        tenant: String,
+    },
+    Remove {
+        tenant: String,
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -407,7 +431,9 @@ mod cli {
     use warmpool::client::{table, ApiClient};
     use warmpool::control::{Client, Request, Response};
 
-    use super::{ApiArgs, HostCommand, JobCommand, TenantCommand, TokenCommand};
+    use anyhow::Context as _;
+
+    use super::{ApiArgs, HostCommand, JobCommand, SecretCommand, TenantCommand, TokenCommand};
 
     fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
         Ok(ApiClient::resolve(api.api.clone(), api.token.clone())?)
@@ -442,6 +468,7 @@ mod cli {
     }
 
     const TENANT_COLUMNS: &[&str] = &["id", "name", "kind", "weight", "max_concurrent_jobs"];
+    const SECRET_COLUMNS: &[&str] = &["name", "created_at_ms", "updated_at_ms"];
 
     pub async fn tenant(command: TenantCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
         let client = client(&api)?;
@@ -491,8 +518,39 @@ mod cli {
                 client.call(Method::DELETE, &format!("/v1/tenants/{id}"), None).await?;
                 eprintln!("warmpool: tenant {id} removed");
             }
+            TenantCommand::Secret(command) => secret(command, &client, &api).await?,
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    async fn secret(
+        command: SecretCommand,
+        client: &ApiClient,
+        api: &ApiArgs,
+    ) -> anyhow::Result<()> {
+        match command {
+            SecretCommand::Set { tenant, name, from_file } => {
+                let value = match from_file {
+                    Some(path) => std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    None => std::io::read_to_string(std::io::stdin())?,
+                };
+                let value = value.strip_suffix('\n').unwrap_or(&value).to_owned();
+                let path = format!("/v1/tenants/{tenant}/secrets/{name}");
+                client.call(Method::PUT, &path, Some(json!({ "value": value }))).await?;
+                eprintln!("warmpool: secret {name} of tenant {tenant} set");
+            }
+            SecretCommand::List { tenant } => {
+                let path = format!("/v1/tenants/{tenant}/secrets");
+                show(api, &client.call(Method::GET, &path, None).await?, SECRET_COLUMNS);
+            }
+            SecretCommand::Remove { tenant, name } => {
+                let path = format!("/v1/tenants/{tenant}/secrets/{name}");
+                client.call(Method::DELETE, &path, None).await?;
+                eprintln!("warmpool: secret {name} of tenant {tenant} removed");
+            }
+        }
+        Ok(())
     }
 
     pub async fn token(command: TokenCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {

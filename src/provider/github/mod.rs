@@ -425,20 +425,8 @@ impl GithubProvider {
         let live = state.runners.get_mut(&runner).expect("checked above");
         let registered_for = std::mem::replace(&mut live.key, key.clone());
         let _ = live.notes.send(Note::InProgress { job_id });
-        // The runner took another job than its own: that one waits again.
         if registered_for != key {
-            if let Some(other) = state.jobs.get_mut(&registered_for) {
-                if other.phase == (Phase::Launched { runner: runner.clone() }) {
-                    other.phase = Phase::Waiting;
-                    other.changed_at = Instant::now();
-                    let demand = Demand {
-                        key: registered_for.clone(),
-                        tenant: other.tenant.clone(),
-                        labels: other.labels.clone(),
-                    };
-                    self.scheduler.enqueue(demand, other.share, self.assignments.clone());
-                }
-            }
+            self.swap(&mut state, &runner, &key, &registered_for);
         }
         if let Some(job) = state.jobs.get_mut(&key) {
             if job.phase == Phase::Waiting {
@@ -448,6 +436,30 @@ impl GithubProvider {
             job.changed_at = Instant::now();
         }
         WebhookOutcome::Accepted(format!("job {job_id} runs on {runner}"))
+    }
+
+    /// Runners are interchangeable to GitHub: `runner`, registered for `own`, took `taken`.
+    /// If another runner of ours was registered for `taken`, that runner now stands for `own`;
+    /// otherwise `own` has no runner and waits again.
+    fn swap(&self, state: &mut State, runner: &str, taken: &str, own: &str) {
+        let other = match state.jobs.get(taken).map(|job| &job.phase) {
+            Some(Phase::Launched { runner: other }) if other != runner => Some(other.clone()),
+            _ => None,
+        };
+        let Some(job) = state.jobs.get_mut(own) else { return };
+        if job.phase != (Phase::Launched { runner: runner.to_owned() }) {
+            return;
+        }
+        job.changed_at = Instant::now();
+        if let Some(other) = other.filter(|other| state.runners.contains_key(other)) {
+            job.phase = Phase::Launched { runner: other.clone() };
+            state.runners.get_mut(&other).expect("checked above").key = own.to_owned();
+            return;
+        }
+        job.phase = Phase::Waiting;
+        let demand =
+            Demand { key: own.to_owned(), tenant: job.tenant.clone(), labels: job.labels.clone() };
+        self.scheduler.enqueue(demand, job.share, self.assignments.clone());
     }
 
     fn completed(

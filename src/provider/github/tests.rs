@@ -320,6 +320,34 @@ async fn a_runner_that_takes_another_job_runs_it_and_its_own_job_waits_again() {
 }
 
 #[tokio::test]
+async fn two_runners_that_took_each_others_jobs_need_no_third() {
+    let fixture = Fixture::new(2, "fake:hang", settings()).await;
+    let first = fixture.github.queue_job("acme", "app", &["linux"]);
+    let second = fixture.github.queue_job("acme", "app", &["linux"]);
+    fixture.job_event("queued", &first).await;
+    fixture.job_event("queued", &second).await;
+    fixture.until("two runners", |github| github.jit_requests().len() == 2).await;
+    let name_for = |job: &fake::WorkflowJob| {
+        let requests = fixture.github.jit_requests();
+        requests.iter().find(|r| r.name.ends_with(&format!("-{}", job.id))).unwrap().name.clone()
+    };
+    let (first_runner, second_runner) = (name_for(&first), name_for(&second));
+    let first = fixture.github.set_job(first.id, "in_progress", None, Some(&second_runner));
+    fixture.job_event("in_progress", &first).await;
+    let second = fixture.github.set_job(second.id, "in_progress", None, Some(&first_runner));
+    fixture.job_event("in_progress", &second).await;
+    {
+        let state = fixture.provider.state.lock().unwrap();
+        let phase = |id| state.jobs[&demand_key(&fixture.tenant.id, id)].phase.clone();
+        assert_eq!(phase(first.id), Phase::Launched { runner: second_runner.clone() });
+        assert_eq!(phase(second.id), Phase::Launched { runner: first_runner.clone() });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fixture.github.jit_requests().len(), 2, "no demand was left without a runner");
+    fixture.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_runner_that_takes_no_job_is_removed_after_the_idle_timeout() {
     let mut settings = settings();
     settings.runner_idle_timeout = Duration::from_millis(500);
