@@ -4,37 +4,13 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{Daemon, TestPool, BIN};
 use warmpool::config::Arch;
-use warmpool::control::{Client, Request, Response};
 use warmpool::hypervisor::libvirt::Libvirt;
 use warmpool::hypervisor::Hypervisor;
-use warmpool::slot::SlotState;
-
-/// Waits until the daemon answers and all its slots are ready.
-async fn wait_ready(daemon: &mut Daemon, socket: &Path) {
-    let began = Instant::now();
-    loop {
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            panic!("the daemon exited with {status}:\n{}", daemon.log());
-        }
-        if let Ok(Response::Status { pools }) = Client::call(socket, &Request::Status).await {
-            let slots: Vec<_> = pools.iter().flat_map(|pool| &pool.slots).collect();
-            if let Some(slot) = slots.iter().find(|slot| slot.state == SlotState::Quarantined) {
-                panic!("{} quarantined: {:?}\n{}", slot.name, slot.error, daemon.log());
-            }
-            if slots.iter().all(|slot| slot.state == SlotState::Ready) {
-                return;
-            }
-        }
-        assert!(began.elapsed() < support::SETTLE_TIMEOUT, "never ready:\n{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A GET on loopback, as status line and body.
 async fn http_get(port: u16, path: &str) -> String {
@@ -69,7 +45,7 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let socket_arg = socket.to_str().unwrap();
 
     let mut daemon = Daemon::start(&config, &log);
-    wait_ready(&mut daemon, &socket).await;
+    daemon.wait_ready(&socket).await;
 
     // Output streams in order, stderr included, and the exit code passes through.
     let out = warmpool(&[
@@ -122,11 +98,12 @@ async fn serve_and_exec_as_an_operator_uses_them() {
         listed.starts_with("ID") && listed.contains("acme") && listed.contains("local"),
         "{listed}"
     );
-    let out = cli(&["tenant", "add", "bad", "--kind", "github", "--settings", "{\"owner\":\"o\"}"]);
+    let settings = "{\"owner\":\"o\",\"app_id\":1}";
+    let out = cli(&["tenant", "add", "bad", "--kind", "github", "--settings", settings]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("settings.app_id"), "{stderr}");
+    assert!(stderr.contains("settings.installation_id"), "{stderr}");
     let out = cli(&["job", "list", "--json"]);
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["jobs"][0]["exit_code"], 7, "{page}");
@@ -174,7 +151,7 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&pool.domain(0)));
 
     // SIGKILL leaves a domain and files behind; the next daemon clears them and serves again.
-    wait_ready(&mut daemon, &socket).await;
+    daemon.wait_ready(&socket).await;
     daemon.signal("-KILL");
     daemon.wait(Duration::from_secs(10));
     let hypervisor = Libvirt::connect(&support::uri()).await.unwrap();
@@ -183,7 +160,7 @@ async fn serve_and_exec_as_an_operator_uses_them() {
         "the killed daemon's domain is still there"
     );
     let mut daemon = Daemon::start(&config, &log);
-    wait_ready(&mut daemon, &socket).await;
+    daemon.wait_ready(&socket).await;
     assert!(
         daemon.log().contains("Destroying a domain left by an earlier run"),
         "{}",

@@ -35,6 +35,7 @@ pub async fn github(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
+    let received = std::time::Instant::now();
     let Some(provider) = state.control.github() else {
         let message = "the GitHub provider is not running";
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message));
@@ -42,7 +43,7 @@ pub async fn github(
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let event = header("x-github-event").unwrap_or_default();
     let outcome = provider
-        .webhook(event, header("x-github-delivery"), header("x-hub-signature-256"), &body)
+        .webhook(event, header("x-github-delivery"), header("x-hub-signature-256"), &body, received)
         .await;
     let answer = match outcome {
         Ok(WebhookOutcome::Accepted(detail)) => WebhookAnswer { result: "accepted", detail },

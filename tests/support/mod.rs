@@ -288,6 +288,28 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the daemon answers on its control socket and all its slots are ready.
+    pub async fn wait_ready(&mut self, socket: &Path) {
+        use warmpool::control::{Client, Request, Response};
+        let began = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited with {status}:\n{}", self.log());
+            }
+            if let Ok(Response::Status { pools }) = Client::call(socket, &Request::Status).await {
+                let slots: Vec<_> = pools.iter().flat_map(|pool| &pool.slots).collect();
+                if let Some(slot) = slots.iter().find(|slot| slot.state == SlotState::Quarantined) {
+                    panic!("{} quarantined: {:?}\n{}", slot.name, slot.error, self.log());
+                }
+                if slots.iter().all(|slot| slot.state == SlotState::Ready) {
+                    return;
+                }
+            }
+            assert!(began.elapsed() < SETTLE_TIMEOUT, "never ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .args([signal, &self.child.id().to_string()])

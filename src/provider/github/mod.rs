@@ -229,13 +229,15 @@ impl GithubProvider {
         }
     }
 
-    /// Checks and acts upon one webhook delivery.
+    /// Checks and acts upon one webhook delivery, received at `received` (the start of the
+    /// time from webhook to job that the metrics keep).
     pub async fn webhook(
         &self,
         event: &str,
         delivery: Option<&str>,
         signature: Option<&str>,
         body: &[u8],
+        received: Instant,
     ) -> Result<WebhookOutcome, WebhookError> {
         let signature = signature.ok_or(WebhookError::Signature)?;
         let tenants = self.signed_by(signature, body).await?;
@@ -260,7 +262,7 @@ impl GithubProvider {
             let repository = &parsed.repository.full_name;
             return Ok(WebhookOutcome::Ignored(format!("no tenant for `{repository}`")));
         };
-        Ok(self.act(&tenant, &settings, &parsed, Instant::now()))
+        Ok(self.act(&tenant, &settings, &parsed, received))
     }
 
     /// The GitHub tenants whose webhook secret signed `body`.

@@ -1,7 +1,7 @@
 //! Provider tests: the fake GitHub server on loopback, slots of the fake hypervisor, a real
 //! store and scheduler.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -84,7 +84,9 @@ impl Fixture {
         let body = body.to_string();
         let signature = fake::signature(SECRET, body.as_bytes());
         let delivery = uuid::Uuid::new_v4().to_string();
-        self.provider.webhook(event, Some(&delivery), Some(&signature), body.as_bytes()).await
+        self.provider
+            .webhook(event, Some(&delivery), Some(&signature), body.as_bytes(), Instant::now())
+            .await
     }
 
     async fn job_event(&self, action: &str, job: &fake::WorkflowJob) -> WebhookOutcome {
@@ -185,19 +187,29 @@ async fn deliveries_without_a_valid_signature_change_nothing() {
     let body = fixture.github.workflow_job_event("queued", &job, None).to_string();
     let provider = &fixture.provider;
     let delivery = Some("d-1");
-    let unsigned = provider.webhook("workflow_job", delivery, None, body.as_bytes()).await;
+    let unsigned =
+        provider.webhook("workflow_job", delivery, None, body.as_bytes(), Instant::now()).await;
     assert!(matches!(unsigned, Err(WebhookError::Signature)), "{unsigned:?}");
     let wrong = fake::signature(b"another secret", body.as_bytes());
-    let forged = provider.webhook("workflow_job", delivery, Some(&wrong), body.as_bytes()).await;
+    let forged = provider
+        .webhook("workflow_job", delivery, Some(&wrong), body.as_bytes(), Instant::now())
+        .await;
     assert!(matches!(forged, Err(WebhookError::Signature)), "{forged:?}");
-    let garbled = provider.webhook("workflow_job", delivery, Some("sha256=12"), b"{}").await;
+    let garbled =
+        provider.webhook("workflow_job", delivery, Some("sha256=12"), b"{}", Instant::now()).await;
     assert!(matches!(garbled, Err(WebhookError::Signature)), "{garbled:?}");
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(fixture.github.jit_requests().is_empty());
     // The delivery id was not used up by the refused attempts.
     let signature = fake::signature(SECRET, body.as_bytes());
-    let signed = provider.webhook("workflow_job", delivery, Some(&signature), body.as_bytes());
+    let signed = provider.webhook(
+        "workflow_job",
+        delivery,
+        Some(&signature),
+        body.as_bytes(),
+        Instant::now(),
+    );
     assert!(matches!(signed.await, Ok(WebhookOutcome::Accepted(_))));
     fixture.shutdown().await;
 }
@@ -209,7 +221,13 @@ async fn a_repeated_delivery_is_acted_upon_once() {
     let body = fixture.github.workflow_job_event("queued", &job, None).to_string();
     let signature = fake::signature(SECRET, body.as_bytes());
     let deliver = || {
-        fixture.provider.webhook("workflow_job", Some("same"), Some(&signature), body.as_bytes())
+        fixture.provider.webhook(
+            "workflow_job",
+            Some("same"),
+            Some(&signature),
+            body.as_bytes(),
+            Instant::now(),
+        )
     };
     assert!(matches!(deliver().await, Ok(WebhookOutcome::Accepted(_))));
     assert_eq!(deliver().await.unwrap(), WebhookOutcome::Duplicate);
