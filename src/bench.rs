@@ -46,6 +46,8 @@ pub enum BenchError {
     Daemon(String, String),
     #[error("Benchmark file I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] crate::client::ClientError),
 }
 
 pub struct BenchOptions {
@@ -86,12 +88,26 @@ pub struct BenchReport {
 }
 
 pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
-    let original = Config::parse(&options.config_text, &options.origin)?;
-    let dir = original.state_dir.join(format!("bench-{}", std::process::id()));
-    crate::disk::create_private_dir(&dir).await.map_err(|e| BenchError::Rewrite(e.to_string()))?;
+    let dir = bench_dir(&options).await?;
     let result = run_in(&options, &dir).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     result
+}
+
+/// Runs GitHub jobs through the daemon instead of local ones; see [`github`].
+pub async fn run_github(options: BenchOptions) -> Result<github::GithubBenchReport, BenchError> {
+    let dir = bench_dir(&options).await?;
+    let result = github::run(&options, &dir).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+/// A directory of the benchmark's own in the configured state directory.
+async fn bench_dir(options: &BenchOptions) -> Result<PathBuf, BenchError> {
+    let original = Config::parse(&options.config_text, &options.origin)?;
+    let dir = original.state_dir.join(format!("bench-{}", std::process::id()));
+    crate::disk::create_private_dir(&dir).await.map_err(|e| BenchError::Rewrite(e.to_string()))?;
+    Ok(dir)
 }
 
 async fn run_in(options: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
@@ -318,6 +334,8 @@ fn tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+pub mod github;
 
 #[cfg(test)]
 mod tests {

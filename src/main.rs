@@ -127,6 +127,10 @@ enum Command {
         /// Print one JSON object (the default prints it too; this keeps stdout to it alone).
         #[arg(long)]
         json: bool,
+        /// Measure GitHub jobs instead of local ones: signed webhooks from a fake GitHub server
+        /// on loopback to JIT runners in the pool's guests.
+        #[arg(long)]
+        github: bool,
     },
 }
 
@@ -329,7 +333,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { config, jobs, cold_boots, slots, json: _ } => {
+        Command::Bench { config, jobs, cold_boots, slots, json: _, github } => {
             let (text, origin) = match config.or_else(system_config) {
                 Some(path) => (
                     std::fs::read_to_string(&path)
@@ -338,10 +342,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ),
                 None => (Config::builtin_default_toml(), PathBuf::from("built-in default")),
             };
-            let report =
-                bench::run(BenchOptions { config_text: text, origin, jobs, cold_boots, slots })
-                    .await?;
-            println!("{}", serde_json::to_string(&report)?);
+            let options = BenchOptions { config_text: text, origin, jobs, cold_boots, slots };
+            let report = if github {
+                serde_json::to_string(&bench::run_github(options).await?)?
+            } else {
+                serde_json::to_string(&bench::run(options).await?)?
+            };
+            println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -99,6 +99,9 @@ pub struct Snapshot {
     pub build_ms: Vec<u64>,
     pub revert_ms: Vec<u64>,
     pub assign_ms: Vec<u64>,
+    /// From a GitHub `queued` webhook to the guest's `started`.
+    #[serde(default)]
+    pub webhook_to_start_ms: Vec<u64>,
     /// Jobs whose guest reported `finished`, whatever their exit code.
     pub jobs_ok: u64,
     /// Jobs that ended any other way: timeout, guest failure, protocol error, cancellation.
@@ -148,6 +151,7 @@ impl Metrics {
             build_ms: samples(Series::Build),
             revert_ms: samples(Series::Revert),
             assign_ms: samples(Series::Assign),
+            webhook_to_start_ms: samples(Series::WebhookToStart),
             jobs_ok: inner.jobs_ok,
             jobs_failed: inner.jobs_failed,
         }
