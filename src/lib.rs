@@ -4,9 +4,11 @@
 //! from their clean snapshot after every job. The modules follow the words of the design:
 //! [`config`] reads the host configuration, [`hypervisor`] is the VM backend boundary,
 //! [`disk`] handles overlays, [`guest`] speaks the job-port protocol, [`slot`] is the slot state
-//! machine, [`pool`] hands jobs to slots, [`control`] serves local jobs over a unix socket,
-//! [`api`] serves health and metrics over HTTP, [`store`] keeps tenants, secrets, tokens, jobs
-//! and the audit log in SQLite, and [`daemon`] ties them together for `warmpool serve`.
+//! machine, [`pool`] hands jobs to slots, [`scheduler`] shares slots among tenants' demand,
+//! [`provider`] turns CI services' jobs into demand and runners, [`control`] serves local jobs
+//! over a unix socket, [`api`] serves the admin API, webhooks, health and metrics over HTTP,
+//! [`store`] keeps tenants, secrets, tokens, jobs and the audit log in SQLite, and [`daemon`]
+//! ties them together for `warmpool serve`.
 
 pub mod api;
 pub mod bench;

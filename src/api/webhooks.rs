@@ -28,6 +28,7 @@ pub struct WebhookAnswer {
     (status = 200, body = WebhookAnswer),
     (status = 400, description = "Malformed delivery", body = super::resources::ErrorResponse),
     (status = 401, description = "No valid X-Hub-Signature-256", body = super::resources::ErrorResponse),
+    (status = 413, description = "The delivery is too large", body = super::resources::ErrorResponse),
     (status = 503, description = "The GitHub provider is not running", body = super::resources::ErrorResponse),
 ))]
 pub async fn github(

@@ -386,8 +386,14 @@ async fn a_runner_that_takes_no_job_is_removed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn transient_github_failures_are_retried() {
-    let fixture = Fixture::new(1, "", settings()).await.github_runs_jobs();
-    fixture.github.inject(Endpoint::GenerateJitConfig, Failure::status(502, "Bad gateway"), 2);
+    let mut settings = settings();
+    settings.retry.attempts = 6;
+    let fixture = Fixture::new(1, "", settings).await.github_runs_jobs();
+    let generate = Endpoint::GenerateJitConfig;
+    fixture.github.inject(generate, Failure::status(502, "Bad gateway"), 2);
+    let limited = Failure { retry_after_secs: Some(1), ..Failure::rate_limit() };
+    fixture.github.inject(generate, limited, 1);
+    fixture.github.inject(generate, Failure::status(429, "Too many requests"), 1);
     fixture.github.inject(Endpoint::DeleteRunner, Failure::secondary_rate_limit(1), 1);
     let job = fixture.github.queue_job("acme", "app", &["linux"]);
     fixture.job_event("queued", &job).await;
@@ -399,7 +405,7 @@ async fn transient_github_failures_are_retried() {
         .filter(|call| call.endpoint == Some(Endpoint::GenerateJitConfig))
         .map(|call| call.status)
         .collect();
-    assert_eq!(statuses, [502, 502, 201]);
+    assert_eq!(statuses, [502, 502, 403, 429, 201]);
     assert_eq!(fixture.jobs()[0].state, JobState::Finished);
     fixture.shutdown().await;
 }
@@ -495,6 +501,8 @@ async fn an_app_tenant_renews_its_installation_token_before_expiry() {
     let settings = json!({ "owner": "apps", "app_id": 77, "installation_id": 88, "api_url": fixture.github.url() });
     let tenant = add_tenant(&fixture.store, "apps", settings);
     put_secret(&fixture.store, &tenant, secret_names::GITHUB_APP_KEY, private_pem.as_bytes());
+    // GitHub's token endpoint failing once is retried like any other call.
+    fixture.github.inject(Endpoint::AccessToken, Failure::status(503, "Unavailable"), 1);
 
     // Tokens that live an hour are reused...
     for expected_deleted in [1, 2] {
@@ -505,6 +513,9 @@ async fn an_app_tenant_renews_its_installation_token_before_expiry() {
             .await;
     }
     assert_eq!(fixture.github.tokens_issued(), 1);
+    let token_calls = fixture.github.calls();
+    let token_calls = token_calls.iter().filter(|c| c.endpoint == Some(Endpoint::AccessToken));
+    assert_eq!(token_calls.map(|c| c.status).collect::<Vec<_>>(), [503, 201]);
     // ...and one that expires within the renewal margin is replaced before the next call.
     fixture.github.set_token_lifetime(Duration::from_secs(120));
     let client = fixture.provider.client(&tenant).await.unwrap();
