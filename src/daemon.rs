@@ -187,7 +187,14 @@ pub async fn shutdown(control: &Control) {
     for pool in control.pools() {
         pool.shutdown().await;
     }
+    if let Some(github) = control.github() {
+        github.shutdown(RUNNER_DELETION_TIMEOUT).await;
+    }
 }
+
+/// How long a stopping daemon waits for its GitHub runners to be deleted; what is left then,
+/// the reconciler deletes after the next start.
+const RUNNER_DELETION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A daemon that was killed leaves domains and files behind; they carry this pool's mark and
 /// live in its directory, and nothing else is touched.

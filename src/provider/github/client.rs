@@ -106,9 +106,27 @@ pub struct JobInfo {
 }
 
 /// The credentials a client is built from, opened from the tenant's secrets.
+/// Wiped from memory when dropped.
 pub enum Credentials {
-    App { app_id: u64, installation_id: u64, private_key_pem: Vec<u8> },
-    Token(String),
+    App { app_id: u64, installation_id: u64, private_key_pem: zeroize::Zeroizing<Vec<u8>> },
+    Token(zeroize::Zeroizing<String>),
+}
+
+impl Credentials {
+    /// A digest that tells one credential from another without keeping it.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        match self {
+            Credentials::App { app_id, installation_id, private_key_pem } => {
+                hash.update(app_id.to_be_bytes());
+                hash.update(installation_id.to_be_bytes());
+                hash.update(private_key_pem.as_slice());
+            }
+            Credentials::Token(token) => hash.update(token.as_bytes()),
+        }
+        hash.finalize().into()
+    }
 }
 
 /// One tenant's GitHub API.
@@ -147,8 +165,10 @@ impl GithubClient {
                 (Some((app, installation)), current)
             }
             Credentials::Token(token) => {
-                let crab =
-                    builder.personal_token(token).build().map_err(|e| credentials_error(&e))?;
+                let crab = builder
+                    .personal_token(token.as_str().to_owned())
+                    .build()
+                    .map_err(|e| credentials_error(&e))?;
                 (None, crab)
             }
         };

@@ -198,6 +198,7 @@ impl GithubProvider {
         };
         // Dropping the receiver ends a job still running: its slot reverts.
         drop(events);
+        self.metrics.count_tenant_job(&job.tenant, result.is_ok());
         match &result {
             Ok(exit_code) => {
                 self.transition(record, JobTransition::Finish { exit_code: *exit_code }).await

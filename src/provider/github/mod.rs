@@ -176,6 +176,9 @@ struct State {
     repositories: HashMap<String, HashMap<(String, String), Instant>>,
 }
 
+/// What a client was built from: the tenant's settings and its credential's digest.
+type ClientVersion = (GithubSettings, [u8; 32]);
+
 /// The GitHub provider of a daemon.
 pub struct GithubProvider {
     store: Arc<Store>,
@@ -186,8 +189,18 @@ pub struct GithubProvider {
     pool_labels: Vec<Vec<String>>,
     state: Mutex<State>,
     assignments: mpsc::UnboundedSender<Assignment>,
-    /// Clients by tenant, rebuilt when the tenant changes.
-    clients: tokio::sync::Mutex<HashMap<String, (i64, Arc<GithubClient>)>>,
+    /// Clients by tenant, with the settings and the digest of the credential each was built
+    /// from: a client is rebuilt when either changed, so a rotated key or token takes effect
+    /// at the next call.
+    clients: tokio::sync::Mutex<HashMap<String, (ClientVersion, Arc<GithubClient>)>>,
+}
+
+/// The secret holding a tenant's credential.
+fn credential_name(settings: &GithubSettings) -> &'static str {
+    match settings.app_id {
+        Some(_) => secret_names::GITHUB_APP_KEY,
+        None => secret_names::GITHUB_TOKEN,
+    }
 }
 
 fn demand_key(tenant: &str, job_id: u64) -> String {
@@ -488,19 +501,40 @@ impl GithubProvider {
 
     /// The client of a tenant, built again when the tenant changed since.
     async fn client(&self, tenant: &Tenant) -> Result<Arc<GithubClient>, GithubError> {
-        let mut clients = self.clients.lock().await;
-        if let Some((updated_at_ms, client)) = clients.get(&tenant.id) {
-            if *updated_at_ms == tenant.updated_at_ms {
-                return Ok(client.clone());
-            }
-        }
         let TenantSettings::Github(settings) = &tenant.settings else {
             return Err(GithubError::Credentials("not a GitHub tenant".into()));
         };
         let credentials = self.credentials(&tenant.id, settings).await?;
+        let version = (settings.clone(), credentials.digest());
+        let mut clients = self.clients.lock().await;
+        if let Some((built_from, client)) = clients.get(&tenant.id) {
+            if *built_from == version {
+                return Ok(client.clone());
+            }
+        }
         let client = Arc::new(GithubClient::new(settings, credentials, self.settings.retry)?);
-        clients.insert(tenant.id.clone(), (tenant.updated_at_ms, client.clone()));
+        clients.insert(tenant.id.clone(), (version, client.clone()));
         Ok(client)
+    }
+
+    /// Waits, up to `timeout`, until every launch has deleted its runner: the pools' shutdown
+    /// ended their jobs, and the launches need a moment to say so to GitHub.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let began = Instant::now();
+        loop {
+            let live = self.state.lock().expect("provider state").runners.len();
+            if live == 0 {
+                return;
+            }
+            if began.elapsed() > timeout {
+                tracing::warn!(
+                    runners = live,
+                    "Runners not deleted before shutdown; the reconciler will"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn credentials(
@@ -508,10 +542,7 @@ impl GithubProvider {
         tenant: &str,
         settings: &GithubSettings,
     ) -> Result<Credentials, GithubError> {
-        let name = match settings.app_id {
-            Some(_) => secret_names::GITHUB_APP_KEY,
-            None => secret_names::GITHUB_TOKEN,
-        };
+        let name = credential_name(settings);
         let store = self.store.clone();
         let tenant = tenant.to_owned();
         let secret = store
@@ -522,13 +553,13 @@ impl GithubProvider {
             (Some(app_id), Some(installation_id)) => Credentials::App {
                 app_id,
                 installation_id,
-                private_key_pem: secret.expose().to_vec(),
+                private_key_pem: zeroize::Zeroizing::new(secret.expose().to_vec()),
             },
             _ => {
                 let token = secret
                     .expose_str()
                     .ok_or_else(|| GithubError::Credentials("`token` is not text".into()))?;
-                Credentials::Token(token.trim().to_owned())
+                Credentials::Token(zeroize::Zeroizing::new(token.trim().to_owned()))
             }
         })
     }

@@ -549,3 +549,24 @@ fn rsa_key_pair() -> (String, String) {
     let public = run(&["pkey", "-pubout"], Some(&private));
     (private, public)
 }
+
+#[tokio::test]
+async fn a_rotated_token_takes_effect_without_a_restart() {
+    let fixture = Fixture::new(1, "", settings()).await.github_runs_jobs();
+    put_secret(&fixture.store, &fixture.tenant, secret_names::GITHUB_TOKEN, b"revoked-token");
+    let refused = fixture.github.queue_job("acme", "app", &["linux"]);
+    fixture.job_event("queued", &refused).await;
+    let waited = tokio::time::timeout(WAIT, async {
+        while !fixture.jobs().first().is_some_and(|job| job.state == JobState::Failed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    waited.await.expect("the job with the revoked token failed");
+    assert!(fixture.jobs()[0].failure.as_deref().unwrap().contains("401"));
+
+    put_secret(&fixture.store, &fixture.tenant, secret_names::GITHUB_TOKEN, TOKEN.as_bytes());
+    let accepted = fixture.github.queue_job("acme", "app", &["linux"]);
+    fixture.job_event("queued", &accepted).await;
+    fixture.until("the runner's deletion", |github| github.deleted_runners().len() == 1).await;
+    fixture.shutdown().await;
+}
