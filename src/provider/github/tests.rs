@@ -45,6 +45,15 @@ impl Fixture {
     /// A pool `test` (label `linux`) of `slots` fake slots, and a GitHub tenant `acme` (an
     /// organisation with a fine-grained token) on the fake GitHub server.
     async fn new(slots: u32, runner_script: &str, settings: Settings) -> Fixture {
+        Fixture::with_max_job(slots, runner_script, settings, 30).await
+    }
+
+    async fn with_max_job(
+        slots: u32,
+        runner_script: &str,
+        settings: Settings,
+        max_job_secs: u64,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let hypervisor = FakeHypervisor::new();
         hypervisor.set_runner_script(runner_script);
@@ -57,7 +66,8 @@ impl Fixture {
         for index in 0..slots {
             store.upsert_slot(&Actor::Daemon, "test", index, SlotState::Empty, None).unwrap();
         }
-        let config = crate::pool::tests::config(dir.path(), slots, slots);
+        let mut config = crate::pool::tests::config(dir.path(), slots, slots);
+        config.max_job_secs = max_job_secs;
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::start(&config, dir.path(), Arc::new(hypervisor.clone()), metrics.clone());
         let control = Arc::new(Control::new(vec![pool], metrics.clone()));
@@ -568,5 +578,24 @@ async fn a_rotated_token_takes_effect_without_a_restart() {
     let accepted = fixture.github.queue_job("acme", "app", &["linux"]);
     fixture.job_event("queued", &accepted).await;
     fixture.until("the runner's deletion", |github| github.deleted_runners().len() == 1).await;
+    fixture.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runner_past_max_job_secs_is_stopped_and_deleted() {
+    let fixture = Fixture::with_max_job(1, "fake:hang", settings(), 1).await;
+    let job = fixture.github.queue_job("acme", "app", &["linux"]);
+    fixture.job_event("queued", &job).await;
+    fixture.until("the runner", |github| github.jit_requests().len() == 1).await;
+    let runner = fixture.github.jit_requests()[0].name.clone();
+    let job = fixture.github.set_job(job.id, "in_progress", None, Some(&runner));
+    fixture.job_event("in_progress", &job).await;
+    // GitHub frees the runner once the job fails for its lost runner; deletion then succeeds.
+    let job = fixture.github.set_job(job.id, "completed", Some("failure"), None);
+    fixture.until("the runner's deletion", |github| github.deleted_runners().len() == 1).await;
+    fixture.until_slots_ready().await;
+    let records = fixture.jobs();
+    assert!(records[0].failure.as_deref().unwrap_or("").contains("1 s"), "{records:?}");
+    assert_eq!(job.conclusion.as_deref(), Some("failure"));
     fixture.shutdown().await;
 }
