@@ -488,9 +488,18 @@ async fn the_reconciler_finds_lost_jobs_and_deletes_leaked_runners() {
         .await
         .unwrap();
 
+    // Another, still busy with a job: GitHub refuses its deletion until the job ends.
+    let busy = client
+        .generate_jit_config("warmpool-testhost-test-0-998", 1, &["linux".to_string()])
+        .await
+        .unwrap();
+    let running = fixture.github.queue_job("acme", "other", &["linux"]);
+    fixture.github.set_job(running.id, "in_progress", None, Some(&busy.runner.name));
+
     let lost = fixture.github.queue_job("acme", "app", &["linux"]);
     let outcome = fixture.provider.reconcile().await;
     assert_eq!((outcome.queued, outcome.runners_deleted), (1, 1), "{outcome:?}");
+    assert!(outcome.failed_tenants.is_empty(), "a refused deletion fails no tenant");
     assert!(fixture.github.deleted_runners().contains(&(org(), leaked.runner.id)));
     fixture
         .until("the lost job's runner deleted", |github| github.deleted_runners().len() == 3)
@@ -498,7 +507,12 @@ async fn the_reconciler_finds_lost_jobs_and_deletes_leaked_runners() {
     let names: Vec<String> = fixture.github.jit_requests().iter().map(|r| r.name.clone()).collect();
     assert!(names.contains(&format!("warmpool-testhost-test-0-{}", lost.id)), "{names:?}");
     let remaining = fixture.github.runners(&org());
-    assert_eq!(remaining.iter().map(|r| r.id).collect::<Vec<_>>(), [foreign.runner.id]);
+    let remaining: Vec<u64> = remaining.iter().map(|r| r.id).collect();
+    assert_eq!(remaining, [foreign.runner.id, busy.runner.id]);
+
+    fixture.github.set_job(running.id, "completed", Some("success"), None);
+    let outcome = fixture.provider.reconcile().await;
+    assert_eq!(outcome.runners_deleted, 1, "deleted once its job ended: {outcome:?}");
     fixture.shutdown().await;
 }
 
