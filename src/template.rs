@@ -217,6 +217,16 @@ pub fn xml_escape(value: &str) -> String {
     out
 }
 
+/// The inverse of [`xml_escape`], for values read back from XML that libvirt wrote.
+pub fn xml_unescape(value: &str) -> String {
+    value
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&apos;", "'")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{DomainState, Hypervisor, HypervisorError};
+use super::{DomainMark, DomainState, Hypervisor, HypervisorError};
 use crate::guest::{JobMessage, Run};
 
 /// A domain template in the shape the fake understands.
@@ -178,6 +178,7 @@ async fn run_guest(
         return;
     }
     let Ok(job) = serde_json::from_str::<JobMessage>(&line) else { return };
+
     let script = match &job.run {
         Run::Command { script_b64 } => {
             let script =
@@ -189,9 +190,38 @@ async fn run_guest(
             format!("runner with a JIT configuration of {} bytes\n{script}", jit_config.len())
         }
     };
+    if script.contains("fake:survive") {
+        survive_daemon(&state, &name, &job.job, write, lines, listener).await;
+        return;
+    }
     if run_job(&mut write, &job.job, &script).await.is_ok() {
         // The reference guest powers off after `finished`; its domain then disappears.
         state.lock().unwrap().domains.remove(&name);
+    }
+}
+
+/// A job that outlives the daemon: says `started`, waits until the daemon's connection ends
+/// (a daemon killed), then finishes on the next connection, as a guest blocked writing to an
+/// unconnected port would once a restarted daemon connects.
+async fn survive_daemon(
+    state: &Mutex<State>,
+    name: &str,
+    job: &str,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    listener: UnixListener,
+) {
+    let started = serde_json::json!({"v":1,"type":"started","job":job});
+    if write.write_all(format!("{started}\n").as_bytes()).await.is_err() {
+        return;
+    }
+    while let Ok(Some(_)) = lines.next_line().await {}
+    let Ok((stream, _)) = listener.accept().await else { return };
+    let (_read, mut write) = stream.into_split();
+    let log = serde_json::json!({"v":1,"type":"log","job":job,"line":"survived the daemon"});
+    let finished = serde_json::json!({"v":1,"type":"finished","job":job,"exit_code":0});
+    if write.write_all(format!("{log}\n{finished}\n").as_bytes()).await.is_ok() {
+        state.lock().unwrap().domains.remove(name);
     }
 }
 
@@ -305,8 +335,10 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
-    async fn list_marked(&self, pool: &str) -> Result<Vec<String>, HypervisorError> {
-        let prefix = format!("warmpool-{pool}-");
-        Ok(self.domains().into_iter().filter(|name| name.starts_with(&prefix)).collect())
+    async fn marked_domains(&self) -> Result<Vec<DomainMark>, HypervisorError> {
+        let state = self.state.lock().unwrap();
+        let marks =
+            state.domains.iter().filter_map(|(name, domain)| DomainMark::parse(name, &domain.xml));
+        Ok(marks.collect())
     }
 }

@@ -14,7 +14,7 @@ use virt::domain::{Domain, DomainState as VirtState};
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{DomainState, Hypervisor, HypervisorError};
+use super::{DomainMark, DomainState, Hypervisor, HypervisorError};
 
 /// The XML namespace of the metadata element that marks a domain as a warmpool slot.
 pub const METADATA_NAMESPACE: &str = "https://warmpool.dev/xmlns/slot/1";
@@ -191,13 +191,12 @@ impl Hypervisor for Libvirt {
         .await
     }
 
-    async fn list_marked(&self, pool: &str) -> Result<Vec<String>, HypervisorError> {
-        let wanted = format!("pool=\"{pool}\"");
+    async fn marked_domains(&self) -> Result<Vec<DomainMark>, HypervisorError> {
         self.blocking(move |conn| {
             let domains = conn
                 .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
                 .map_err(|e| HypervisorError::operation("List", "domains", e.message()))?;
-            let mut names = Vec::new();
+            let mut marks = Vec::new();
             for domain in domains {
                 let Ok(metadata) = domain.metadata(
                     sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
@@ -206,13 +205,10 @@ impl Hypervisor for Libvirt {
                 ) else {
                     continue;
                 };
-                if metadata.contains(&wanted) {
-                    if let Ok(name) = domain.name() {
-                        names.push(name);
-                    }
-                }
+                let Ok(name) = domain.name() else { continue };
+                marks.extend(DomainMark::parse(&name, &metadata));
             }
-            Ok(names)
+            Ok(marks)
         })
         .await
     }

@@ -68,6 +68,74 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     async fn state(&self, domain: &str) -> Result<DomainState, HypervisorError>;
 
-    /// Names of the running or paused domains whose XML carries `mark` in its metadata.
-    async fn list_marked(&self, mark: &str) -> Result<Vec<String>, HypervisorError>;
+    /// The running or paused domains that carry warmpool's mark, with what it says.
+    async fn marked_domains(&self) -> Result<Vec<DomainMark>, HypervisorError>;
+
+    /// Names of the running or paused domains marked as slots of `pool`.
+    async fn list_marked(&self, pool: &str) -> Result<Vec<String>, HypervisorError> {
+        let marks = self.marked_domains().await?;
+        Ok(marks.into_iter().filter(|mark| mark.pool == pool).map(|mark| mark.domain).collect())
+    }
+}
+
+/// What warmpool's metadata element on a domain says: which slot of which pool it is, and
+/// which daemon (by its state directory) made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainMark {
+    pub domain: String,
+    pub pool: String,
+    pub slot: Option<usize>,
+    /// The state directory of the daemon that made the domain; absent on marks made before
+    /// marks named their daemon.
+    pub owner: Option<String>,
+}
+
+impl DomainMark {
+    /// Reads the mark out of a domain's whole XML, or out of the element alone as libvirt
+    /// returns it (under a prefix of its choosing), if it has one.
+    pub fn parse(domain: &str, xml: &str) -> Option<DomainMark> {
+        let start = match xml.find("<warmpool:slot") {
+            Some(start) => start,
+            None if !xml.contains("<domain") => xml.find('<')?,
+            None => return None,
+        };
+        let element = &xml[start..];
+        let element = &element[..element.find('>')?];
+        Some(DomainMark {
+            domain: domain.to_owned(),
+            pool: crate::template::xml_unescape(&attribute(element, "pool")?),
+            slot: attribute(element, "slot").and_then(|slot| slot.parse().ok()),
+            owner: attribute(element, "owner").map(|owner| crate::template::xml_unescape(&owner)),
+        })
+    }
+}
+
+/// The value of `name="…"` (or `name='…'`) in one element's text.
+fn attribute(element: &str, name: &str) -> Option<String> {
+    for quote in ['"', '\''] {
+        let key = format!(" {name}={quote}");
+        if let Some(at) = element.find(&key) {
+            let value = &element[at + key.len()..];
+            return Some(value[..value.find(quote)?].to_owned());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_read_from_a_whole_domain_or_from_libvirts_metadata_element() {
+        let xml = "<domain><name>d</name><metadata><warmpool:slot xmlns:warmpool=\"u\" \
+                   pool=\"a&amp;b\" slot=\"2\" owner=\"/var/lib/warmpool\"/></metadata></domain>";
+        let mark = DomainMark::parse("d", xml).unwrap();
+        assert_eq!((mark.pool.as_str(), mark.slot), ("a&b", Some(2)));
+        assert_eq!(mark.owner.as_deref(), Some("/var/lib/warmpool"));
+        let element = "<ns:slot xmlns:ns=\"u\" pool='p' slot='0'/>";
+        let mark = DomainMark::parse("d", element).unwrap();
+        assert_eq!((mark.pool.as_str(), mark.slot, mark.owner), ("p", Some(0), None));
+        assert_eq!(DomainMark::parse("d", "<domain><name>d</name></domain>"), None);
+    }
 }
