@@ -102,6 +102,14 @@ pub async fn run_github(options: BenchOptions) -> Result<github::GithubBenchRepo
     result
 }
 
+/// Measures the daemon's start to `READY=1`, cold and warm, and its idle stop; see [`service`].
+pub async fn run_service(options: BenchOptions) -> Result<service::ServiceBenchReport, BenchError> {
+    let dir = bench_dir(&options).await?;
+    let result = service::run(&options, &dir).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
 /// A directory of the benchmark's own in the configured state directory.
 async fn bench_dir(options: &BenchOptions) -> Result<PathBuf, BenchError> {
     let original = Config::parse(&options.config_text, &options.origin)?;
@@ -283,11 +291,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, log: &Path) -> Result<Daemon, BenchError> {
+        Daemon::start_with_env(config, log, &[])
+    }
+
+    /// Starts the daemon with `env` added to its environment.
+    fn start_with_env(
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Daemon, BenchError> {
         let log_file = std::fs::File::create(log)?;
         let child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("serve")
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -316,7 +334,7 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    /// Stops the daemon as systemd would, with SIGTERM, and waits for its slots to be removed.
+    /// Stops the daemon as systemd would, with SIGTERM, and waits for its slots to stop.
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // SAFETY: kill(2) with a pid this process spawned and has not yet reaped.
@@ -336,6 +354,7 @@ fn tail(path: &Path) -> String {
 }
 
 pub mod github;
+pub mod service;
 
 #[cfg(test)]
 mod tests {

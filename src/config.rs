@@ -93,11 +93,16 @@ struct RawConfig {
     api_listen: Option<String>,
     tls_certificate: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    drain_grace_secs: Option<u64>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
     #[serde(default)]
     github: GithubConfig,
 }
+
+/// Ten minutes: most CI jobs that are near their end finish, and systemd's stop timeout in
+/// `host-setup/warmpool.service` leaves room for it and the slots' removal.
+pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 600;
 
 /// How the host works with GitHub, for all GitHub tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -163,6 +168,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub pools: Vec<PoolConfig>,
     pub github: GithubConfig,
+    /// At a stop or a host shutdown, how long running jobs may go on before they are ended.
+    pub drain_grace_secs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +321,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pools.push(pool);
     }
     let github = validate_github(raw.github)?;
+    let drain_grace_secs = raw.drain_grace_secs.unwrap_or(DEFAULT_DRAIN_GRACE_SECS);
+    check_range("drain_grace_secs", drain_grace_secs, 0, 86_400)?;
     Ok(Config {
         state_dir,
         libvirt_uri,
@@ -323,6 +332,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         tls,
         pools,
         github,
+        drain_grace_secs,
     })
 }
 

@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 /// The longest request line: a command line for a job, with room to spare.
 pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
 /// Events buffered per job before the slot waits for the client to read.
-const JOB_EVENTS: usize = 256;
+pub(crate) const JOB_EVENTS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -218,6 +218,20 @@ impl Control {
         );
         pool.submit(Job::new(id, Run::script(&shell_command(argv)), events));
         Ok(job)
+    }
+
+    /// Follows a local job that a slot took back from an earlier run of the daemon: its
+    /// output from now on is readable, and its end is recorded, like those of jobs submitted
+    /// to this daemon.
+    pub fn track_adopted(
+        &self,
+        id: String,
+        pool: String,
+        tenant_id: String,
+        events: mpsc::Receiver<JobEvent>,
+    ) {
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        self.local.track(id, pool, tenant_id, events, store, metrics);
     }
 
     /// A local job that runs or ended recently.

@@ -1,10 +1,13 @@
 //! `warmpool serve`: checks the host, clears what an earlier daemon left, starts the pools and
 //! serves the control socket until told to stop.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api;
@@ -14,12 +17,13 @@ use crate::disk;
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolStatus};
 use crate::provider::github::{self, GithubProvider};
 use crate::scheduler::Scheduler;
-use crate::slot::SlotState;
+use crate::service::{self, Notifier, ShutdownInhibitor};
+use crate::slot::{Adoption, JobEvent, SlotState};
 use crate::store::{
-    Actor, JobFilter, JobState, JobTransition, NewTenant, Store, StoreError, TenantKind,
+    Actor, JobFilter, JobRecord, JobState, JobTransition, NewTenant, Store, StoreError, TenantKind,
     MAX_CONCURRENT_JOBS, MAX_PAGE,
 };
 
@@ -50,14 +54,26 @@ pub enum DaemonError {
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
 
-/// Runs the daemon until `stop` completes, then shuts every slot down.
+/// Runs the daemon until `stop` completes or logind announces a shutdown, then drains (no new
+/// jobs; running ones get `drain_grace_secs`) and shuts every slot down.
+///
+/// systemd hears of it through `sd_notify`: `READY=1` once every pool is built, `STATUS=` and
+/// `WATCHDOG=1` while the pools answer, `STOPPING=1` when the drain begins.
 pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let began = std::time::Instant::now();
+    let notifier = Arc::new(Notifier::from_env());
     check_files(&config)?;
     let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&config.libvirt_uri).await?);
     let (store, local_tenant) = open_store(&config).await?;
+    let in_flight = recoverable_jobs(&config, &store).await?;
     let metrics = Arc::new(Metrics::default());
-    let control =
-        start(&config, hypervisor, metrics.clone()).await?.with_store(store.clone(), local_tenant);
+    let (adoptions, adopted) = adoptions(in_flight);
+    let control = start_recovering(&config, hypervisor, metrics.clone(), adoptions)
+        .await?
+        .with_store(store.clone(), local_tenant);
+    for (job, events) in adopted {
+        control.track_adopted(job.id, job.pool, job.tenant_id, events);
+    }
     let control = Arc::new(control);
     let scheduler = Scheduler::start(control.clone());
     let settings = github::Settings::from_config(&config.github);
@@ -91,8 +107,26 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
         }
         None => None,
     };
-    stop.await;
+    let ready = tokio::spawn(announce_ready(control.clone(), notifier.clone(), began));
+    let watchdog = tokio::spawn(keep_systemd_informed(control.clone(), notifier.clone()));
+    let mut inhibitor = take_inhibitor().await;
+    {
+        let announced = async {
+            match inhibitor.as_mut() {
+                Some(inhibitor) => inhibitor.shutdown_announced().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop => {}
+            _ = announced => {}
+        }
+    }
     info!("Daemon stopping");
+    notifier.stopping();
+    ready.abort();
+    drain(&control, Duration::from_secs(config.drain_grace_secs), &notifier).await;
+    watchdog.abort();
     let _ = std::fs::remove_file(&config.api_socket);
     for task in [server, unix_api].into_iter().chain(api) {
         task.abort();
@@ -100,9 +134,108 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     }
     let _ = std::fs::remove_file(&config.control_socket);
     shutdown(&control).await;
+    if let Some(inhibitor) = inhibitor.as_mut() {
+        inhibitor.release();
+    }
     info!("Daemon stopped");
     Ok(())
 }
+
+/// How long the daemon waits for logind before it serves without a shutdown inhibitor.
+const INHIBITOR_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often systemd's status line is refreshed when no watchdog asks for more.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn take_inhibitor() -> Option<ShutdownInhibitor> {
+    match tokio::time::timeout(INHIBITOR_TIMEOUT, ShutdownInhibitor::take()).await {
+        Ok(Ok(inhibitor)) => Some(inhibitor),
+        Ok(Err(e)) => {
+            info!(error = %e, "No logind shutdown inhibitor; SIGTERM alone stops the daemon");
+            None
+        }
+        Err(_) => {
+            warn!("logind did not answer; serving without a shutdown inhibitor");
+            None
+        }
+    }
+}
+
+/// Says `READY=1` once every pool has built its slots.
+async fn announce_ready(control: Arc<Control>, notifier: Arc<Notifier>, began: std::time::Instant) {
+    for pool in control.pools() {
+        pool.built().await;
+    }
+    notifier.ready();
+    info!(ms = began.elapsed().as_millis() as u64, "Daemon ready: every pool is built");
+}
+
+/// Refreshes systemd's status line and pets its watchdog, as long as every pool's task
+/// answers: a pool that no longer answers stops the petting, and systemd restarts the daemon.
+async fn keep_systemd_informed(control: Arc<Control>, notifier: Arc<Notifier>) {
+    let watchdog = service::watchdog_interval();
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(STATUS_INTERVAL).min(STATUS_INTERVAL));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let answer = tokio::time::timeout(HEALTH_TIMEOUT, control.status()).await;
+        match answer {
+            Ok(pools) if pools.len() == control.pools().len() => {
+                notifier.status(&status_line(&pools, control.is_draining()));
+                if watchdog.is_some() {
+                    notifier.watchdog();
+                }
+            }
+            _ => warn!("A pool did not answer; the watchdog is not petted"),
+        }
+    }
+}
+
+/// A pool task that takes longer than this to answer is stuck.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Slots by state and jobs, for `systemctl status`: "3 ready, 1 running of 4 slots; 1 job
+/// running, 0 queued".
+pub fn status_line(pools: &[PoolStatus], draining: bool) -> String {
+    let slots: Vec<&crate::pool::SlotStatus> = pools.iter().flat_map(|p| &p.slots).collect();
+    let states: Vec<String> = SlotState::ALL
+        .into_iter()
+        .filter_map(|state| {
+            let count = slots.iter().filter(|slot| slot.state == state).count();
+            (count > 0).then(|| format!("{count} {}", state.as_str()))
+        })
+        .collect();
+    let running = slots.iter().filter(|slot| slot.state == SlotState::Running).count();
+    let queued: usize = pools.iter().map(|pool| pool.queued).sum();
+    let draining = if draining { "draining; " } else { "" };
+    format!(
+        "{draining}{} of {} slots; {running} jobs running, {queued} queued",
+        states.join(", "),
+        slots.len()
+    )
+}
+
+/// Takes no new jobs and waits, up to `grace`, for the jobs queued and running to end.
+async fn drain(control: &Control, grace: Duration, notifier: &Notifier) {
+    control.drain();
+    let began = std::time::Instant::now();
+    loop {
+        let pools = control.status().await;
+        let running: usize = pools.iter().map(|pool| pool.count(SlotState::Running)).sum();
+        let queued: usize = pools.iter().map(|pool| pool.queued).sum();
+        if running + queued == 0 {
+            info!(ms = began.elapsed().as_millis() as u64, "Drained: no job left");
+            return;
+        }
+        if began.elapsed() >= grace {
+            warn!(running, queued, grace_secs = grace.as_secs(), "Drain grace over; ending jobs");
+            return;
+        }
+        notifier.status(&status_line(&pools, true));
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 /// Opens the store in the state directory, with the host key beside it, records the
 /// configured pools, and returns it with the id of the tenant that local jobs belong to.
@@ -114,15 +247,14 @@ pub async fn open_store(config: &Config) -> Result<(Arc<Store>, String), DaemonE
         config.pools.iter().map(|pool| (pool.name.clone(), pool.slots)).collect();
     let opened = tokio::task::spawn_blocking(move || {
         let store = Store::open(&database, &key)?;
-        // Jobs name the slot they ran on, so every slot has its row; each starts empty, as
-        // the daemon rebuilds every slot at start.
+        // Jobs name the slot they ran on, so every slot has its row; each starts empty, and
+        // its task reports what it makes of what an earlier run left.
         for (pool, slots) in &pools {
             store.upsert_pool(&Actor::Daemon, pool, 0)?;
             for index in 0..*slots {
                 store.upsert_slot(&Actor::Daemon, pool, index, SlotState::Empty, None)?;
             }
         }
-        fail_unfinished_jobs(&store)?;
         let local = local_tenant(&store)?;
         Ok::<_, StoreError>((store, local))
     })
@@ -131,24 +263,112 @@ pub async fn open_store(config: &Config) -> Result<(Arc<Store>, String), DaemonE
     Ok((Arc::new(opened.0), opened.1))
 }
 
-/// Jobs that were queued or running when the daemon stopped cannot be resumed: their slots are
-/// rebuilt at start. They are recorded as failed, with the reason.
-fn fail_unfinished_jobs(store: &Store) -> Result<(), StoreError> {
+/// A local job that an earlier run started and that its slot may take back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    pub id: String,
+    pub tenant_id: String,
+    pub pool: String,
+    pub slot_index: usize,
+    pub time_left: Duration,
+}
+
+/// Sorts the jobs an earlier run left unfinished. A local job that its guest had started, on a
+/// slot the configuration still has, with time left, may be adopted; every other one is
+/// recorded as failed, with the reason: a job not yet started was only ever in this daemon's
+/// memory, and a GitHub runner's registration is deleted by the reconciler.
+pub fn sort_unfinished_jobs(
+    store: &Store,
+    config: &Config,
+    now_ms: i64,
+) -> Result<Vec<InFlight>, StoreError> {
+    let mut adoptable = Vec::new();
     for state in [JobState::Queued, JobState::Assigned, JobState::Started] {
+        let mut after = None;
         loop {
-            let filter = JobFilter { state: Some(state), limit: MAX_PAGE, ..JobFilter::default() };
+            let filter =
+                JobFilter { state: Some(state), limit: MAX_PAGE, after, ..JobFilter::default() };
             let page = store.list_jobs(&filter)?;
-            if page.jobs.is_empty() {
-                break;
-            }
             for job in page.jobs {
-                let reason = "The daemon stopped before the job ended".to_owned();
-                store.transition_job(&Actor::Daemon, &job.id, JobTransition::Fail { reason })?;
-                warn!(job = %job.id, "Recorded a job the daemon lost as failed");
+                match in_flight(store, config, &job, now_ms) {
+                    Ok(job) => adoptable.push(job),
+                    Err(reason) => {
+                        warn!(job = %job.id, error = %reason, "Recorded a job the daemon lost as failed");
+                        let reason = reason.to_owned();
+                        store.transition_job(
+                            &Actor::Daemon,
+                            &job.id,
+                            JobTransition::Fail { reason },
+                        )?;
+                    }
+                }
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
     }
-    Ok(())
+    Ok(adoptable)
+}
+
+/// Whether `job` may be adopted, or why not.
+fn in_flight(
+    store: &Store,
+    config: &Config,
+    job: &JobRecord,
+    now_ms: i64,
+) -> Result<InFlight, &'static str> {
+    let (Some(slot_index), Some(started_at_ms)) = (job.slot_index, job.started_at_ms) else {
+        return Err("The daemon stopped before the job started");
+    };
+    let local = store.get_tenant(&job.tenant_id).is_ok_and(|t| t.kind == TenantKind::Local);
+    if job.state != JobState::Started || !local {
+        return Err("The daemon stopped while the job ran");
+    }
+    let Some(pool) = config.pools.iter().find(|pool| pool.name == job.pool) else {
+        return Err("The daemon restarted without the job's pool");
+    };
+    if slot_index >= pool.slots {
+        return Err("The daemon restarted without the job's slot");
+    }
+    let ran = Duration::from_millis(now_ms.saturating_sub(started_at_ms).max(0) as u64);
+    let Some(time_left) = Duration::from_secs(pool.max_job_secs).checked_sub(ran) else {
+        return Err("The job outlived its maximum duration while the daemon was stopped");
+    };
+    Ok(InFlight {
+        id: job.id.clone(),
+        tenant_id: job.tenant_id.clone(),
+        pool: job.pool.clone(),
+        slot_index: slot_index as usize,
+        time_left,
+    })
+}
+
+async fn recoverable_jobs(
+    config: &Config,
+    store: &Arc<Store>,
+) -> Result<Vec<InFlight>, DaemonError> {
+    let config = config.clone();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    Ok(store.call(move |store| sort_unfinished_jobs(store, &config, now_ms)).await?)
+}
+
+/// The jobs for slots to take back, by pool and slot index.
+pub type Adoptions = BTreeMap<String, BTreeMap<usize, Adoption>>;
+
+/// Each adoptable job as its slot's adoption, and as the record and event channel that the
+/// daemon follows it by.
+fn adoptions(in_flight: Vec<InFlight>) -> (Adoptions, Vec<(InFlight, mpsc::Receiver<JobEvent>)>) {
+    let mut adoptions = Adoptions::new();
+    let mut adopted = Vec::new();
+    for job in in_flight {
+        let (events, events_rx) = mpsc::channel(control::JOB_EVENTS);
+        let adoption = Adoption { job: job.id.clone(), events, time_left: job.time_left };
+        adoptions.entry(job.pool.clone()).or_default().insert(job.slot_index, adoption);
+        adopted.push((job, events_rx));
+    }
+    (adoptions, adopted)
 }
 
 /// The tenant of jobs sent through the control socket, created on first start.
@@ -166,17 +386,30 @@ pub(crate) fn local_tenant(store: &Store) -> Result<String, StoreError> {
     Ok(store.create_tenant(&Actor::Daemon, new)?.id)
 }
 
-/// Clears leftovers of earlier runs and starts every pool.
+/// Clears what earlier runs left that belongs to no slot, and starts every pool.
 pub async fn start(
     config: &Config,
     hypervisor: Arc<dyn Hypervisor>,
     metrics: Arc<Metrics>,
 ) -> Result<Control, DaemonError> {
+    start_recovering(config, hypervisor, metrics, BTreeMap::new()).await
+}
+
+/// As [`start`], with jobs of an earlier run for their slots to take back, by pool.
+pub async fn start_recovering(
+    config: &Config,
+    hypervisor: Arc<dyn Hypervisor>,
+    metrics: Arc<Metrics>,
+    mut adoptions: Adoptions,
+) -> Result<Control, DaemonError> {
     disk::create_private_dir(&config.state_dir).await?;
+    clear_leftovers(&*hypervisor, config).await?;
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
-        clear_leftovers(&*hypervisor, config, &pool.name).await?;
-        pools.push(Pool::start(pool, &config.state_dir, hypervisor.clone(), metrics.clone()));
+        let adoptions = adoptions.remove(&pool.name).unwrap_or_default();
+        let (state_dir, hypervisor, metrics) =
+            (&config.state_dir, hypervisor.clone(), metrics.clone());
+        pools.push(Pool::start_adopting(pool, state_dir, hypervisor, metrics, adoptions));
     }
     Ok(Control::new(pools, metrics))
 }
@@ -196,23 +429,77 @@ pub async fn shutdown(control: &Control) {
 /// the reconciler deletes after the next start.
 const RUNNER_DELETION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A daemon that was killed leaves domains and files behind; they carry this pool's mark and
-/// live in its directory, and nothing else is touched.
-async fn clear_leftovers(
-    hypervisor: &dyn Hypervisor,
-    config: &Config,
-    pool: &str,
-) -> Result<(), DaemonError> {
-    for domain in hypervisor.list_marked(pool).await? {
-        warn!(pool, domain = %domain, "Destroying a domain left by an earlier run");
-        hypervisor.destroy(&domain).await?;
+/// Removes what earlier runs left that belongs to no configured slot: domains that carry this
+/// daemon's mark for a pool or slot it no longer has, and such slots' directories and TPM
+/// state. A configured slot's own domain and files are left to the slot, which adopts, keeps
+/// or rebuilds them. Domains marked by another daemon (another state directory) are never
+/// touched; a mark without an owner, from an older warmpool, is taken as this daemon's when it
+/// names a configured pool.
+async fn clear_leftovers(hypervisor: &dyn Hypervisor, config: &Config) -> Result<(), DaemonError> {
+    let owner = config.state_dir.display().to_string();
+    let slots_of = |pool: &str| config.pools.iter().find(|p| p.name == pool).map(|p| p.slots);
+    for mark in hypervisor.marked_domains().await? {
+        let ours = match &mark.owner {
+            Some(marked) => *marked == owner,
+            None => slots_of(&mark.pool).is_some(),
+        };
+        let configured = match (slots_of(&mark.pool), mark.slot) {
+            (Some(slots), Some(slot)) => slot < slots as usize,
+            _ => false,
+        };
+        if ours && !configured {
+            warn!(pool = %mark.pool, domain = %mark.domain, "Destroying a domain of no configured slot");
+            hypervisor.destroy(&mark.domain).await?;
+        }
     }
-    let dir = config.state_dir.join("pools").join(pool);
-    if dir.exists() {
-        warn!(pool, dir = %dir.display(), "Removing slot files left by an earlier run");
-        disk::remove_tree(&dir).await?;
+    let pools_dir = config.state_dir.join("pools");
+    for (pool, dir) in subdirectories(&pools_dir).await? {
+        let Some(slots) = slots_of(&pool) else {
+            warn!(pool, dir = %dir.display(), "Removing the files of a pool no longer configured");
+            remove_slot_dirs(&pool, &dir, 0).await?;
+            disk::remove_tree(&dir).await?;
+            continue;
+        };
+        remove_slot_dirs(&pool, &dir, slots).await?;
     }
     Ok(())
+}
+
+/// Removes the slot directories in a pool's directory from slot `keep` on, and anything else
+/// in it that is no slot's, with the TPM state libvirt keeps for those slots.
+async fn remove_slot_dirs(pool: &str, dir: &Path, keep: u32) -> Result<(), DaemonError> {
+    for (name, path) in subdirectories(dir).await? {
+        let index = name.parse::<u32>().ok();
+        if index.is_some_and(|index| index < keep) {
+            continue;
+        }
+        warn!(pool, dir = %path.display(), "Removing the files of a slot no longer configured");
+        disk::remove_tree(&path).await?;
+        if let Some(index) = index {
+            let uuid = crate::slot::domain_uuid(&crate::slot::domain_name(pool, index as usize));
+            disk::remove_tree(&Path::new(crate::slot::SWTPM_STATE_ROOT).join(uuid.to_string()))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The directories in `dir` by name; none when `dir` does not exist.
+async fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, DaemonError> {
+    let read_error =
+        |source| disk::DiskError::File { operation: "Read", path: dir.to_owned(), source };
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(read_error(e).into()),
+    };
+    let mut found = Vec::new();
+    while let Some(entry) = entries.next_entry().await.map_err(read_error)? {
+        if entry.file_type().await.map_err(read_error)?.is_dir() {
+            found.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        }
+    }
+    Ok(found)
 }
 
 fn check_files(config: &Config) -> Result<(), DaemonError> {
@@ -251,31 +538,78 @@ mod tests {
     use crate::store::NewJob;
 
     #[test]
-    fn jobs_a_stopped_daemon_lost_are_recorded_as_failed() {
+    fn started_local_jobs_may_be_adopted_and_every_other_lost_job_fails_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db"), &dir.path().join("key")).unwrap();
+        let pool = r#"
+            [[pool]]
+            name = "p"
+            image = "/i.qcow2"
+            arch = "x86_64"
+            vcpus = 1
+            memory_mib = 256
+            slots = 2
+            max_job_secs = 100
+            [pool.template_vars]
+            kernel = "/vmlinuz"
+            initrd = "/initrd.img"
+        "#;
+        let config = Config::parse(pool, Path::new("test")).unwrap();
         store.upsert_pool(&Actor::Daemon, "p", 0).unwrap();
-        store.upsert_slot(&Actor::Daemon, "p", 0, SlotState::Empty, None).unwrap();
+        for index in 0..3 {
+            store.upsert_slot(&Actor::Daemon, "p", index, SlotState::Empty, None).unwrap();
+        }
         let tenant = local_tenant(&store).unwrap();
         assert_eq!(local_tenant(&store).unwrap(), tenant, "the local tenant is made once");
-        for id in ["queued", "running", "done"] {
+        let github = NewTenant {
+            name: "acme".into(),
+            kind: TenantKind::Github,
+            settings: serde_json::json!({"owner": "acme"}),
+            weight: 1,
+            max_concurrent_jobs: 4,
+        };
+        let github = store.create_tenant(&Actor::Daemon, github).unwrap().id;
+        let jobs = [
+            ("queued", &tenant, None),
+            ("running", &tenant, Some(1)),
+            ("beyond-slots", &tenant, Some(2)),
+            ("runner", &github, Some(0)),
+            ("done", &tenant, Some(0)),
+        ];
+        for (id, tenant, slot) in jobs {
             let new = NewJob { id: id.into(), tenant_id: tenant.clone(), pool: "p".into() };
             store.record_job(&Actor::LocalRoot, new).unwrap();
-        }
-        for transition in [JobTransition::Assign { slot_index: 0 }, JobTransition::Start] {
-            store.transition_job(&Actor::Daemon, "running", transition.clone()).unwrap();
-            store.transition_job(&Actor::Daemon, "done", transition).unwrap();
+            if let Some(slot_index) = slot {
+                let assign = JobTransition::Assign { slot_index };
+                store.transition_job(&Actor::Daemon, id, assign).unwrap();
+                store.transition_job(&Actor::Daemon, id, JobTransition::Start).unwrap();
+            }
         }
         store
             .transition_job(&Actor::Daemon, "done", JobTransition::Finish { exit_code: 0 })
             .unwrap();
+        let started = store.get_job("running").unwrap().started_at_ms.unwrap();
 
-        fail_unfinished_jobs(&store).unwrap();
-        for id in ["queued", "running"] {
+        let adoptable = sort_unfinished_jobs(&store, &config, started + 40_000).unwrap();
+        assert_eq!(adoptable.len(), 1, "{adoptable:?}");
+        assert_eq!((adoptable[0].id.as_str(), adoptable[0].slot_index), ("running", 1));
+        assert_eq!(adoptable[0].time_left, Duration::from_secs(60));
+        assert_eq!(store.get_job("running").unwrap().state, JobState::Started);
+        for (id, reason) in [
+            ("queued", "The daemon stopped before the job started"),
+            ("beyond-slots", "The daemon restarted without the job's slot"),
+            ("runner", "The daemon stopped while the job ran"),
+        ] {
             let job = store.get_job(id).unwrap();
             assert_eq!(job.state, JobState::Failed, "{id}");
-            assert_eq!(job.failure.as_deref(), Some("The daemon stopped before the job ended"));
+            assert_eq!(job.failure.as_deref(), Some(reason), "{id}");
         }
         assert_eq!(store.get_job("done").unwrap().state, JobState::Finished);
+
+        // Past its maximum, the job that ran is failed too.
+        let adoptable = sort_unfinished_jobs(&store, &config, started + 100_001).unwrap();
+        assert!(adoptable.is_empty());
+        let failure = store.get_job("running").unwrap().failure.unwrap();
+        assert!(failure.contains("outlived its maximum"), "{failure}");
     }
 }

@@ -117,6 +117,40 @@ fn chown_like(path: &Path, metadata: &std::fs::Metadata) -> Result<(), DiskError
         .map_err(file_error("Chown", path))
 }
 
+/// Writes `bytes` to `path` through a temporary file that is synced before it takes the name,
+/// so that `path` holds either its old content or all of the new, after any crash.
+pub async fn write_durably(path: &Path, bytes: Vec<u8>) -> Result<(), DiskError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let partial = owned.with_extension("partial");
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &owned)?;
+        if let Some(dir) = owned.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok::<_, io::Error>(())
+    })
+    .await
+    .map_err(|e| DiskError::File { operation: "Write", path: path.to_owned(), source: e.into() })?
+    .map_err(file_error("Write", path))
+}
+
+/// Flushes a file that another process wrote (a memory image) to stable storage.
+pub async fn sync_file(path: &Path) -> Result<(), DiskError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&owned)?.sync_all())
+        .await
+        .map_err(|e| DiskError::File {
+            operation: "Sync",
+            path: path.to_owned(),
+            source: e.into(),
+        })?
+        .map_err(file_error("Sync", path))
+}
+
 /// Removes a file; one that does not exist is already removed.
 pub async fn remove_file(path: &Path) -> Result<(), DiskError> {
     match tokio::fs::remove_file(path).await {

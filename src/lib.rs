@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pool;
 pub mod provider;
 pub mod scheduler;
+pub mod service;
 pub mod slot;
 pub mod store;
 pub mod template;

@@ -131,6 +131,10 @@ enum Command {
         /// on loopback to JIT runners in the pool's guests.
         #[arg(long)]
         github: bool,
+        /// Measure the daemon as a service instead: start to systemd's READY=1, cold and with
+        /// kept snapshots, and the stop after SIGTERM with no job running.
+        #[arg(long, conflicts_with = "github")]
+        service: bool,
     },
 }
 
@@ -333,7 +337,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { config, jobs, cold_boots, slots, json: _, github } => {
+        Command::Bench { config, jobs, cold_boots, slots, json: _, github, service } => {
             let (text, origin) = match config.or_else(system_config) {
                 Some(path) => (
                     std::fs::read_to_string(&path)
@@ -345,6 +349,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let options = BenchOptions { config_text: text, origin, jobs, cold_boots, slots };
             let report = if github {
                 serde_json::to_string(&bench::run_github(options).await?)?
+            } else if service {
+                serde_json::to_string(&bench::run_service(options).await?)?
             } else {
                 serde_json::to_string(&bench::run(options).await?)?
             };

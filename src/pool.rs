@@ -27,7 +27,7 @@ use crate::config::{Acceleration, Arch, PoolConfig};
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
 use crate::slot::{
-    domain_name, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState,
+    domain_name, Adoption, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState,
 };
 
 /// Commands a slot may have queued: one decision and a shutdown, with room to spare.
@@ -80,12 +80,25 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts the pool's slots, which begin building their clean snapshots at once.
+    /// Starts the pool's slots, which at once take over the clean snapshots an earlier run
+    /// kept or build new ones.
     pub fn start(
         config: &PoolConfig,
         state_dir: &Path,
         hypervisor: Arc<dyn Hypervisor>,
         metrics: Arc<Metrics>,
+    ) -> Pool {
+        Pool::start_adopting(config, state_dir, hypervisor, metrics, BTreeMap::new())
+    }
+
+    /// Starts the pool's slots; those named in `adoptions` first try to take back the job an
+    /// earlier run of the daemon left running on them.
+    pub fn start_adopting(
+        config: &PoolConfig,
+        state_dir: &Path,
+        hypervisor: Arc<dyn Hypervisor>,
+        metrics: Arc<Metrics>,
+        mut adoptions: BTreeMap<usize, Adoption>,
     ) -> Pool {
         let spec = Arc::new(slot_spec(config, state_dir));
         let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -93,7 +106,7 @@ impl Pool {
         let slots = (0..config.slots as usize)
             .map(|index| {
                 let (commands, commands_rx) = mpsc::channel(SLOT_QUEUE);
-                let slot = Slot::new(
+                let mut slot = Slot::new(
                     index,
                     spec.clone(),
                     hypervisor.clone(),
@@ -101,12 +114,17 @@ impl Pool {
                     reports_tx.clone(),
                     stopping_rx.clone(),
                 );
+                let adoption = adoptions.remove(&index);
+                let job = adoption.as_ref().map(|adoption| adoption.job.clone());
+                if let Some(adoption) = adoption {
+                    slot = slot.adopt(adoption);
+                }
                 let span = tracing::info_span!("slot", slot = %slot.name(), pool = %config.name);
                 let task = tokio::spawn(slot.run(commands_rx).instrument(span));
                 SlotHandle {
                     name: domain_name(&config.name, index),
                     state: SlotState::Empty,
-                    job: None,
+                    job,
                     error: None,
                     reserved: false,
                     pinned: None,
@@ -230,6 +248,7 @@ pub(crate) fn slot_spec(config: &PoolConfig, state_dir: &Path) -> SlotSpec {
         max_job: Duration::from_secs(config.max_job_secs),
         tpm: config.template.has_tpm(),
         dir: state_dir.join("pools").join(&config.name),
+        owner: state_dir.display().to_string(),
         first_backoff: crate::slot::FIRST_BACKOFF,
     }
 }

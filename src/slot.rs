@@ -3,12 +3,20 @@
 //! ```text
 //!          build               restore            assign               finished, powered off,
 //! Empty ─────────> Saved ─────────────> Ready ─────────> Running ───── timeout, port error ──┐
-//!   ^                ^  <─┐                                                                 │
-//!   │                │    └── Restoring (restore failed) ──┐                                │
-//!   │                └───────────────────────────── Reverting <─────────────────────────────┘
-//!   │                                                   │ failed twice
-//!   └─────── Rebuilding <──────── Quarantined <─────────┘ (or the build failed)
+//!   │ │              ^  <─┐                                 ^                               │
+//!   │ │              │    └── Restoring (restore failed) ──┐│ adopt                         │
+//!   │ │              └───────────────────────────── Reverting <─────────────────────────────┘
+//!   │ └────────────────────────── snapshot kept ───────^ │ │ failed twice
+//!   │ └──────────────────────────────────────────────────┼─┘
+//!   └─────── Rebuilding <──────── Quarantined <──────────┘ (or the build failed)
 //! ```
+//!
+//! A slot starts `Empty` and picks up what an earlier run of the daemon left in its directory
+//! ([`Slot::run`]): a job still running in a healthy guest is adopted (`Empty → Running`), a
+//! clean snapshot built from the same image and domain description is kept and only reverted
+//! to (`Empty → Reverting`), and anything else is thrown away and built afresh. A build writes
+//! the snapshot's manifest (`snapshot.json`) last, so a build cut short leaves no snapshot that
+//! a later start would trust.
 //!
 //! Concurrency: each slot is one tokio task ([`Slot::run`]) that owns the slot's state, its files
 //! and its domain. Nothing else touches them. The pool talks to it through a command queue
@@ -24,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -33,7 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::disk::{self, DiskError};
 use crate::guest::{GuestMessage, JobMessage, JobPort, PortError, Run};
 use crate::hypervisor::libvirt::METADATA_NAMESPACE;
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::metrics::{Metrics, Series};
 use crate::template::{Template, TemplateError};
 
@@ -48,7 +56,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
 /// The name of the virtio-serial channel the guest agent opens.
 pub const JOB_PORT_NAME: &str = "org.warmpool.job.0";
 /// Where libvirt keeps the state of emulated TPMs, one directory per domain UUID.
-const SWTPM_STATE_ROOT: &str = "/var/lib/libvirt/swtpm";
+pub const SWTPM_STATE_ROOT: &str = "/var/lib/libvirt/swtpm";
 
 #[derive(
     Debug,
@@ -104,6 +112,8 @@ impl SlotState {
         matches!(
             (self, to),
             (Empty, Building)
+                | (Empty, Reverting)
+                | (Empty, Running)
                 | (Building, Saved)
                 | (Building, Quarantined)
                 | (Saved, Restoring)
@@ -248,6 +258,9 @@ pub struct SlotSpec {
     pub tpm: bool,
     /// Where the pool's slot directories live.
     pub dir: PathBuf,
+    /// The daemon's state directory, named in every domain's mark so that a daemon tells its
+    /// own domains from those of another daemon on the same libvirt.
+    pub owner: String,
     /// The first quarantine's length; each one after it doubles, up to [`MAX_BACKOFF`].
     pub first_backoff: Duration,
 }
@@ -265,6 +278,8 @@ pub struct SlotPaths {
     pub nvram: PathBuf,
     pub clean_nvram: PathBuf,
     pub clean_tpm: PathBuf,
+    /// What the clean snapshot was built from, written last by a build.
+    pub manifest: PathBuf,
 }
 
 impl SlotPaths {
@@ -279,10 +294,38 @@ impl SlotPaths {
             nvram: dir.join("nvram.fd"),
             clean_nvram: dir.join("clean-nvram.fd"),
             clean_tpm: dir.join("clean-tpm"),
+            manifest: dir.join("snapshot.json"),
             dir,
         }
     }
 }
+
+/// A job that an earlier run of the daemon started on a slot, to be taken back if its guest
+/// still runs it.
+#[derive(Debug)]
+pub struct Adoption {
+    pub job: String,
+    /// Where the job's events go, as [`Job::events`].
+    pub events: mpsc::Sender<JobEvent>,
+    /// What is left of the job's `max_job_secs`, counted from when the guest started it.
+    pub time_left: Duration,
+}
+
+/// What a clean snapshot was built from. A slot keeps a snapshot across restarts of the daemon
+/// only while its manifest equals the one the slot would write now: a new image, or a changed
+/// template or machine shape, makes it stale.
+#[derive(Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct SnapshotManifest {
+    format: u32,
+    image: PathBuf,
+    image_len: u64,
+    image_modified_ns: u128,
+    /// SHA-256 of the domain XML the snapshot's guest booted with.
+    domain_sha256: String,
+}
+
+/// Bumped whenever what a snapshot holds changes meaning.
+const SNAPSHOT_FORMAT: u32 = 1;
 
 /// The domain name of slot `index` of `pool`.
 pub fn domain_name(pool: &str, index: usize) -> String {
@@ -315,6 +358,8 @@ pub struct Slot {
     error: Option<String>,
     /// Set when the daemon shuts down: running jobs end at once.
     stopping: watch::Receiver<bool>,
+    /// A job to take back at start.
+    adoption: Option<Adoption>,
 }
 
 impl Slot {
@@ -347,7 +392,14 @@ impl Slot {
             revert_began: None,
             error: None,
             stopping,
+            adoption: None,
         }
+    }
+
+    /// Asks the slot to take back, at start, a job that an earlier run began on it.
+    pub fn adopt(mut self, adoption: Adoption) -> Slot {
+        self.adoption = Some(adoption);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -365,9 +417,10 @@ impl Slot {
         booted.map(|()| elapsed)
     }
 
-    /// The slot's task: builds the clean snapshot, then serves commands until shut down.
+    /// The slot's task: takes over what an earlier run left or builds the clean snapshot, then
+    /// serves commands until shut down.
     pub async fn run(mut self, mut commands: mpsc::Receiver<SlotCommand>) {
-        self.build().await;
+        self.start().await;
         loop {
             let wake = match self.state {
                 SlotState::Ready => self.wait_ready(&mut commands).await,
@@ -389,6 +442,91 @@ impl Slot {
             }
         }
         self.shutdown().await;
+    }
+
+    /// Adopts a job still running in a healthy guest, keeps a current clean snapshot, or
+    /// builds one. A job that cannot be adopted fails with the reason, and its guest is
+    /// destroyed by the revert or the build.
+    async fn start(&mut self) {
+        let current = match self.snapshot_is_current().await {
+            Ok(current) => current,
+            Err(e) => {
+                warn!(error = %e, "Clean snapshot unreadable; building a new one");
+                false
+            }
+        };
+        if let Some(adoption) = self.adoption.take() {
+            match self.reconnect(current).await {
+                Ok(port) => {
+                    self.port = Some(port);
+                    self.run_adopted_job(adoption).await;
+                    self.revert().await;
+                    return;
+                }
+                Err(reason) => {
+                    warn!(job = %adoption.job, error = %reason, "Job not adopted");
+                    let reason =
+                        format!("The daemon restarted and could not take the job back: {reason}");
+                    let _ = adoption.events.try_send(JobEvent::Failed { reason });
+                }
+            }
+        }
+        if current {
+            info!("Keeping the clean snapshot of an earlier run");
+            self.revert().await;
+        } else {
+            self.build().await;
+        }
+    }
+
+    /// Connects to the job port of a guest that an earlier run left running a job.
+    async fn reconnect(&self, snapshot_current: bool) -> Result<JobPort, String> {
+        if !snapshot_current {
+            return Err("its clean snapshot is stale or gone".into());
+        }
+        match self.hypervisor.state(&self.name).await {
+            Ok(DomainState::Running) => {}
+            Ok(state) => return Err(format!("its guest is {state:?}, not running")),
+            Err(e) => return Err(e.to_string()),
+        }
+        JobPort::connect(&self.paths.job_port).await.map_err(|e| e.to_string())
+    }
+
+    /// What the slot's manifest would say of a snapshot built now.
+    async fn manifest(&self) -> Result<SnapshotManifest, SlotError> {
+        let image = tokio::fs::metadata(&self.spec.image).await.map_err(|source| {
+            DiskError::File { operation: "Read", path: self.spec.image.clone(), source }
+        })?;
+        let modified = image.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        let xml = self.render(&self.paths.clean_disk)?;
+        Ok(SnapshotManifest {
+            format: SNAPSHOT_FORMAT,
+            image: self.spec.image.clone(),
+            image_len: image.len(),
+            image_modified_ns: modified.map_or(0, |t| t.as_nanos()),
+            domain_sha256: hex_sha256(xml.as_bytes()),
+        })
+    }
+
+    /// Whether the slot's directory holds a whole clean snapshot built from what the pool is
+    /// configured with now.
+    async fn snapshot_is_current(&self) -> Result<bool, SlotError> {
+        let Ok(written) = tokio::fs::read(&self.paths.manifest).await else { return Ok(false) };
+        let Ok(written) = serde_json::from_slice::<SnapshotManifest>(&written) else {
+            return Ok(false);
+        };
+        if written != self.manifest().await? {
+            info!("The clean snapshot is stale: the image or the domain changed");
+            return Ok(false);
+        }
+        let mut needed = vec![&self.paths.clean_disk, &self.paths.memory, &self.paths.restore_xml];
+        if self.spec.nvram_template.is_some() {
+            needed.push(&self.paths.clean_nvram);
+        }
+        if self.spec.tpm {
+            needed.push(&self.paths.clean_tpm);
+        }
+        Ok(needed.iter().all(|path| path.exists()))
     }
 
     /// Waits for a command while ready; a guest that dies or speaks while paused is reverted.
@@ -485,12 +623,22 @@ impl Slot {
         }
         self.write_restore_xml().await?;
         disk::create_overlay(&self.paths.job_disk, &self.paths.clean_disk).await?;
+        disk::sync_file(&self.paths.memory).await?;
+        let manifest =
+            serde_json::to_vec_pretty(&self.manifest().await?).map_err(|e| DiskError::File {
+                operation: "Write",
+                path: self.paths.manifest.clone(),
+                source: e.into(),
+            })?;
+        disk::write_durably(&self.paths.manifest, manifest).await?;
         Ok(())
     }
 
     /// Empties the slot's directory and prepares a boot from the image: an overlay at `disk`
     /// and fresh firmware variables. Returns the domain XML.
     async fn prepare_fresh_boot(&self, disk: &Path) -> Result<String, SlotError> {
+        // A domain of this slot that an earlier run left holds the files about to be removed.
+        self.hypervisor.destroy(&self.name).await?;
         disk::remove_tree(&self.paths.dir).await?;
         disk::create_private_dir(&self.paths.dir).await?;
         disk::create_overlay(disk, &self.spec.image).await?;
@@ -551,7 +699,7 @@ impl Slot {
         values.insert("console_log".into(), path(&self.paths.console_log));
         values.insert("nvram".into(), path(&self.paths.nvram));
         let xml = self.spec.template.render(&values)?;
-        Ok(mark(&xml, &self.spec.pool, self.index))
+        Ok(mark(&xml, &self.spec.pool, self.index, &self.spec.owner))
     }
 
     fn tpm_state_dir(&self) -> PathBuf {
@@ -595,19 +743,41 @@ impl Slot {
         let assigned = Instant::now();
         let outcome = self.drive_job(&job).await;
         self.metrics.record(Series::Job, assigned.elapsed());
+        self.end_job(&job.id, &job.events, outcome);
+    }
+
+    /// Follows a job that an earlier run of the daemon started, to its end.
+    async fn run_adopted_job(&mut self, adoption: Adoption) {
+        let Adoption { job, events, time_left } = adoption;
+        self.set_state(SlotState::Running);
+        let time_left_secs = time_left.as_secs();
+        info!(job = %job, time_left_secs, "Job adopted from an earlier run");
+        let deadline = tokio::time::Instant::now() + time_left;
+        let max_secs = self.spec.max_job.as_secs();
+        let port = self.port.as_mut().expect("an adopted job's slot has a job port");
+        let outcome = follow_job(port, &job, &events, deadline, max_secs, &mut self.stopping).await;
+        self.end_job(&job, &events, outcome);
+    }
+
+    fn end_job(
+        &mut self,
+        job: &str,
+        events: &mpsc::Sender<JobEvent>,
+        outcome: Result<i32, JobFailure>,
+    ) {
         self.revert_began = Some(Instant::now());
         let event = match outcome {
             Ok(exit_code) => {
-                info!(job = %job.id, exit_code, "Job finished");
+                info!(job, exit_code, "Job finished");
                 JobEvent::Finished { exit_code }
             }
             Err(failure) => {
-                warn!(job = %job.id, error = %failure, "Job failed");
+                warn!(job, error = %failure, "Job failed");
                 JobEvent::Failed { reason: failure.to_string() }
             }
         };
         self.metrics.count_job(matches!(event, JobEvent::Finished { .. }));
-        let _ = job.events.try_send(event);
+        let _ = events.try_send(event);
     }
 
     /// Sends the job, resumes the guest, and relays its messages until it finishes.
@@ -621,15 +791,16 @@ impl Slot {
         self.hypervisor.resume(&self.name).await?;
 
         let start_deadline = (tokio::time::Instant::now() + START_TIMEOUT).min(deadline);
-        let first = next_for_job(port, job, start_deadline, &mut self.stopping).await.map_err(
-            |e| match e {
+        let (id, events) = (job.id.as_str(), &job.events);
+        let first = next_for_job(port, id, events, start_deadline, &mut self.stopping)
+            .await
+            .map_err(|e| match e {
                 JobFailure::Timeout { .. } if start_deadline < deadline => {
                     JobFailure::NoStart { secs: START_TIMEOUT.as_secs() }
                 }
                 JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
                 other => other,
-            },
-        )?;
+            })?;
         if !matches!(first, GuestMessage::Started { .. }) {
             return Err(JobFailure::Port(PortError::Unexpected {
                 got: first.kind(),
@@ -638,30 +809,8 @@ impl Slot {
         }
         self.metrics.record(Series::Assign, job.arrived.elapsed());
         let started = JobEvent::Started { slot: self.name.clone(), index: self.index };
-        relay(job, started, deadline).await.map_err(|_| timeout_or_cancel(job, max_secs))?;
-
-        loop {
-            let message = next_for_job(port, job, deadline, &mut self.stopping).await.map_err(
-                |e| match e {
-                    JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
-                    other => other,
-                },
-            )?;
-            match message {
-                GuestMessage::Log { line, .. } => {
-                    relay(job, JobEvent::Log { line }, deadline)
-                        .await
-                        .map_err(|_| timeout_or_cancel(job, max_secs))?;
-                }
-                GuestMessage::Finished { exit_code, .. } => return Ok(exit_code),
-                other => {
-                    return Err(JobFailure::Port(PortError::Unexpected {
-                        got: other.kind(),
-                        expected: "`log` or `finished`",
-                    }))
-                }
-            }
-        }
+        relay(events, started, deadline).await.map_err(|_| timeout_or_cancel(events, max_secs))?;
+        follow_job(port, id, events, deadline, max_secs, &mut self.stopping).await
     }
 
     /// Destroys the domain and replaces the job overlay, then leaves the slot `Saved`. A slot
@@ -721,11 +870,32 @@ impl Slot {
         self.build().await;
     }
 
+    /// Destroys the domain. A clean snapshot is kept for the next start, which then only
+    /// reverts to it; what a job or a failed slot left is removed.
     async fn shutdown(&mut self) {
+        if matches!(self.state, SlotState::Saved | SlotState::Ready) {
+            match self.remove_all_but_snapshot().await {
+                Ok(()) => info!("Slot stopped; its clean snapshot is kept"),
+                Err(e) => error!(error = %e, "Stopping the slot failed"),
+            }
+            return;
+        }
         match self.remove_everything().await {
             Ok(()) => info!("Slot removed"),
             Err(e) => error!(error = %e, "Removing the slot failed"),
         }
+    }
+
+    async fn remove_all_but_snapshot(&mut self) -> Result<(), SlotError> {
+        self.port = None;
+        self.hypervisor.destroy(&self.name).await?;
+        for path in [&self.paths.job_disk, &self.paths.job_port, &self.paths.nvram] {
+            disk::remove_file(path).await?;
+        }
+        if self.spec.tpm {
+            disk::remove_tree(&self.tpm_state_dir()).await?;
+        }
+        Ok(())
     }
 
     async fn remove_everything(&mut self) -> Result<(), SlotError> {
@@ -739,16 +909,54 @@ impl Slot {
     }
 }
 
+/// Relays a started job's log lines until the guest says `finished`.
+async fn follow_job(
+    port: &mut JobPort,
+    job: &str,
+    events: &mpsc::Sender<JobEvent>,
+    deadline: tokio::time::Instant,
+    max_secs: u64,
+    stopping: &mut watch::Receiver<bool>,
+) -> Result<i32, JobFailure> {
+    loop {
+        let message =
+            next_for_job(port, job, events, deadline, stopping).await.map_err(|e| match e {
+                JobFailure::Timeout { .. } => JobFailure::Timeout { secs: max_secs },
+                other => other,
+            })?;
+        match message {
+            GuestMessage::Log { line, .. } => {
+                relay(events, JobEvent::Log { line }, deadline)
+                    .await
+                    .map_err(|_| timeout_or_cancel(events, max_secs))?;
+            }
+            GuestMessage::Finished { exit_code, .. } => return Ok(exit_code),
+            other => {
+                return Err(JobFailure::Port(PortError::Unexpected {
+                    got: other.kind(),
+                    expected: "`log` or `finished`",
+                }))
+            }
+        }
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// Reads the next message of `job`, refusing messages that name another job.
 async fn next_for_job(
     port: &mut JobPort,
-    job: &Job,
+    job: &str,
+    events: &mpsc::Sender<JobEvent>,
     deadline: tokio::time::Instant,
     stopping: &mut watch::Receiver<bool>,
 ) -> Result<GuestMessage, JobFailure> {
     let message = tokio::select! {
         message = tokio::time::timeout_at(deadline, port.next_message()) => message,
-        _ = job.events.closed() => return Err(JobFailure::Cancelled),
+        _ = events.closed() => return Err(JobFailure::Cancelled),
         _ = stopping.wait_for(|stopping| *stopping) => return Err(JobFailure::Stopping),
     };
     let message = match message {
@@ -758,9 +966,9 @@ async fn next_for_job(
         Ok(Ok(message)) => message,
     };
     match message.job() {
-        Some(named) if named != job.id => Err(JobFailure::Port(PortError::WrongJob {
+        Some(named) if named != job => Err(JobFailure::Port(PortError::WrongJob {
             got: named.chars().take(64).collect(),
-            expected: job.id.clone(),
+            expected: job.to_owned(),
         })),
         None => Err(JobFailure::Port(PortError::Unexpected {
             got: message.kind(),
@@ -771,15 +979,19 @@ async fn next_for_job(
 }
 
 /// Passes an event to the job's submitter, who may be slow but not slower than the deadline.
-async fn relay(job: &Job, event: JobEvent, deadline: tokio::time::Instant) -> Result<(), ()> {
-    match tokio::time::timeout_at(deadline, job.events.send(event)).await {
+async fn relay(
+    events: &mpsc::Sender<JobEvent>,
+    event: JobEvent,
+    deadline: tokio::time::Instant,
+) -> Result<(), ()> {
+    match tokio::time::timeout_at(deadline, events.send(event)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
 }
 
-fn timeout_or_cancel(job: &Job, max_secs: u64) -> JobFailure {
-    if job.events.is_closed() {
+fn timeout_or_cancel(events: &mpsc::Sender<JobEvent>, max_secs: u64) -> JobFailure {
+    if events.is_closed() {
         JobFailure::Cancelled
     } else {
         JobFailure::Timeout { secs: max_secs }
@@ -788,10 +1000,11 @@ fn timeout_or_cancel(job: &Job, max_secs: u64) -> JobFailure {
 
 /// Adds warmpool's metadata element to a domain's XML, so that its domains can be told from
 /// any other domain on the host.
-fn mark(xml: &str, pool: &str, index: usize) -> String {
+fn mark(xml: &str, pool: &str, index: usize, owner: &str) -> String {
     let element = format!(
-        "<warmpool:slot xmlns:warmpool=\"{METADATA_NAMESPACE}\" pool=\"{}\" slot=\"{index}\"/>",
-        crate::template::xml_escape(pool)
+        "<warmpool:slot xmlns:warmpool=\"{METADATA_NAMESPACE}\" pool=\"{}\" slot=\"{index}\" owner=\"{}\"/>",
+        crate::template::xml_escape(pool),
+        crate::template::xml_escape(owner),
     );
     if let Some(at) = xml.find("<metadata>") {
         let at = at + "<metadata>".len();

@@ -31,11 +31,7 @@ async fn a_daemon_killed_during_api_writes_restarts_consistent() {
         return;
     }
     let pool = TestPool::new("api-crash", Arch::X86_64, 1, "");
-    let _ = std::fs::remove_dir_all(&pool.state_dir);
-    std::fs::create_dir_all(&pool.state_dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = pool.state_dir.join("warmpool.toml");
-    std::fs::write(&config, format!("api_listen = \"127.0.0.1:{port}\"\n{}", pool.text)).unwrap();
+    let (config, port) = pool.write_config_with_api();
     let log = pool.state_dir.join("daemon.log");
 
     let mut daemon = Daemon::start(&config, &log);

@@ -1,6 +1,6 @@
 //! `warmpool serve` and `warmpool exec` as an operator runs them: output streamed, exit codes
-//! passed through, errors explained, and nothing left behind after SIGTERM, or after SIGKILL
-//! and a restart.
+//! passed through, errors explained, and nothing but clean snapshots left behind after SIGTERM,
+//! or after SIGKILL and a restart.
 
 mod support;
 
@@ -162,7 +162,7 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let mut daemon = Daemon::start(&config, &log);
     daemon.wait_ready(&socket).await;
     assert!(
-        daemon.log().contains("Destroying a domain left by an earlier run"),
+        daemon.log().contains("Keeping the clean snapshot of an earlier run"),
         "{}",
         daemon.log()
     );
@@ -174,12 +174,12 @@ async fn serve_and_exec_as_an_operator_uses_them() {
     let jobs = http_get_with(api_port, "/v1/jobs", Some(&token)).await;
     assert!(jobs.contains("\"exit_code\":7") && jobs.contains("\"exit_code\":0"), "{jobs}");
 
-    // SIGTERM stops it cleanly: no domain, no slot file, no socket.
+    // SIGTERM stops it cleanly: no domain, no socket, only the clean snapshot kept.
     daemon.signal("-TERM");
     let status = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{status}");
     assert!(hypervisor.list_marked(&pool.name).await.unwrap().is_empty());
-    assert!(!pool.state_dir.join("pools").join(&pool.name).exists());
+    support::assert_only_snapshots_left(&pool.state_dir.join("pools").join(&pool.name));
     assert!(!socket.exists());
 
     // Without a daemon, exec says so.

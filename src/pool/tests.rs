@@ -82,7 +82,11 @@ async fn more_jobs_than_slots_all_run_one_slot_at_a_time() {
     assert_eq!(starts, 2, "each slot booted once; every other job ran on a restored snapshot");
     pool.shutdown().await;
     assert!(fake.domains().is_empty());
-    assert!(!dir.path().join("pools/test").exists());
+    for slot in ["0", "1"] {
+        let slot = dir.path().join("pools/test").join(slot);
+        assert!(!slot.join("job.qcow2").exists(), "the job overlay is removed");
+        assert!(slot.join("snapshot.json").exists(), "the clean snapshot is kept");
+    }
 }
 
 #[tokio::test]
@@ -138,7 +142,7 @@ async fn jobs_of_a_client_that_left_the_queue_never_run() {
 }
 
 #[tokio::test]
-async fn shutdown_fails_queued_jobs_and_removes_every_slot() {
+async fn shutdown_fails_queued_jobs_and_stops_every_slot() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeHypervisor::new();
     let pool = start(&fake, dir.path(), 1, 1);
@@ -149,7 +153,7 @@ async fn shutdown_fails_queued_jobs_and_removes_every_slot() {
     assert!(matches!(last_event(running).await, JobEvent::Failed { .. }));
     assert!(matches!(last_event(queued).await, JobEvent::Failed { .. }));
     assert!(fake.domains().is_empty());
-    assert!(!dir.path().join("pools/test/0").exists());
+    assert!(!dir.path().join("pools/test/0/job.qcow2").exists());
 }
 
 #[test]

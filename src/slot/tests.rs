@@ -21,6 +21,7 @@ struct Harness {
     seen: Vec<(SlotState, SlotState)>,
     state: SlotState,
     metrics: Arc<Metrics>,
+    spec: Arc<SlotSpec>,
 }
 
 struct Limits {
@@ -49,14 +50,31 @@ impl Harness {
             max_job: limits.max_job,
             tpm: false,
             dir: dir.path().join("slots"),
+            owner: dir.path().display().to_string(),
             first_backoff: Duration::from_millis(50),
         });
+        Harness::spawn(fake, dir, spec, None, Vec::new())
+    }
+
+    /// Starts the slot's task, taking over `dir` (as a restarted daemon would) with the
+    /// transitions seen so far.
+    fn spawn(
+        fake: FakeHypervisor,
+        dir: tempfile::TempDir,
+        spec: Arc<SlotSpec>,
+        adoption: Option<Adoption>,
+        seen: Vec<(SlotState, SlotState)>,
+    ) -> Harness {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::channel(8);
         let (stopping, stopping_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
         let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
-        let slot = Slot::new(0, spec, hypervisor, metrics.clone(), reports_tx, stopping_rx);
+        let slot = Slot::new(0, spec.clone(), hypervisor, metrics.clone(), reports_tx, stopping_rx);
+        let slot = match adoption {
+            Some(adoption) => slot.adopt(adoption),
+            None => slot,
+        };
         let task = tokio::spawn(slot.run(commands_rx));
         Harness {
             fake,
@@ -65,10 +83,25 @@ impl Harness {
             commands,
             stopping,
             task,
-            seen: Vec::new(),
+            seen,
             state: SlotState::Empty,
             metrics,
+            spec,
         }
+    }
+
+    /// Ends the slot's task, by a shutdown or, with `kill`, as a killed daemon would, and
+    /// starts a new one on the same directory.
+    async fn restart(self, kill: bool, adoption: Option<Adoption>) -> Harness {
+        let Harness { fake, dir, spec, seen, task, commands, .. } = self;
+        if kill {
+            task.abort();
+            let _ = task.await;
+        } else {
+            drop(commands);
+            tokio::time::timeout(WAIT, task).await.expect("the slot stops").unwrap();
+        }
+        Harness::spawn(fake, dir, spec, adoption, seen)
     }
 
     fn slot_dir(&self) -> PathBuf {
@@ -131,9 +164,11 @@ impl Harness {
         }
     }
 
-    async fn stop(self) {
+    /// Stops the slot and hands back its directory.
+    async fn stop(self) -> tempfile::TempDir {
         drop(self.commands);
         tokio::time::timeout(WAIT, self.task).await.expect("the slot stops").unwrap();
+        self.dir
     }
 }
 
@@ -150,7 +185,7 @@ fn transition_table_matches_the_diagram() {
     // Rows are `from`, columns are `to`, in the order of `SlotState::ALL`.
     let table = [
         //  Em Bu Sa Rs Rd Ru Rv Qu Rb
-        [0, 1, 0, 0, 0, 0, 0, 0, 0], // Empty
+        [0, 1, 0, 0, 0, 1, 1, 0, 0], // Empty
         [0, 0, 1, 0, 0, 0, 0, 1, 0], // Building
         [0, 0, 0, 1, 0, 0, 0, 0, 0], // Saved
         [0, 0, 0, 0, 1, 0, 1, 0, 0], // Restoring
@@ -195,6 +230,25 @@ async fn slot_makes_every_allowed_transition_and_no_other() {
     h.fake.fail("restore", 1);
     h.commands.send(SlotCommand::Restore).await.unwrap();
     h.expect(&[SlotState::Restoring, SlotState::Reverting, SlotState::Saved]).await;
+
+    // A restarted daemon keeps the clean snapshot and only reverts to it.
+    let mut h = h.restart(false, None).await;
+    h.expect(&[SlotState::Reverting, SlotState::Saved]).await;
+
+    // A job running when the daemon was killed is adopted by the next one.
+    h.ready().await;
+    let (events_tx, _events) = mpsc::channel(8);
+    let job = Job::new("survivor".into(), Run::script("fake:survive"), events_tx);
+    h.commands.send(SlotCommand::Assign(job)).await.unwrap();
+    h.expect(&[SlotState::Running]).await;
+    let (events_tx, mut events) = mpsc::channel(8);
+    let time_left = Duration::from_secs(30);
+    let adoption = Adoption { job: "survivor".into(), events: events_tx, time_left };
+    let mut h = h.restart(true, Some(adoption)).await;
+    h.expect(&[SlotState::Running, SlotState::Reverting, SlotState::Saved]).await;
+    let log = events.recv().await;
+    assert_eq!(log, Some(JobEvent::Log { line: "survived the daemon".into() }));
+    assert_eq!(events.recv().await, Some(JobEvent::Finished { exit_code: 0 }));
 
     // A revert that fails twice quarantines; the quarantine ends in a rebuild, whose guest
     // never says ready, which quarantines again.
@@ -346,7 +400,7 @@ async fn the_clean_snapshot_is_frozen_and_restores_onto_the_job_overlay() {
 }
 
 #[tokio::test]
-async fn shutdown_ends_a_running_job_and_leaves_nothing() {
+async fn shutdown_ends_a_running_job_and_keeps_only_the_clean_snapshot() {
     let mut h = Harness::start(FakeHypervisor::new(), Limits::default());
     h.reach(SlotState::Saved).await;
     h.ready().await;
@@ -365,16 +419,56 @@ async fn shutdown_ends_a_running_job_and_leaves_nothing() {
     assert_eq!(last, Some(JobEvent::Failed { reason: "The daemon is shutting down".into() }));
     let dir = h.slot_dir();
     let fake = h.fake.clone();
-    h.stop().await;
-    assert!(!dir.exists(), "the slot's files are removed");
+    let _kept = h.stop().await;
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["clean.qcow2", "memory.save", "restore.xml", "snapshot.json"]);
     assert!(fake.domains().is_empty(), "the slot's domain is destroyed");
+}
+
+#[tokio::test]
+async fn a_snapshot_of_another_image_is_not_kept() {
+    let h = Harness::start(FakeHypervisor::new(), Limits::default());
+    let mut h = h.restart(false, None).await;
+    h.reach(SlotState::Saved).await;
+    let manifest = h.slot_dir().join("snapshot.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("\"image_len\": ", "\"image_len\": 1")).unwrap();
+    let mut h = h.restart(false, None).await;
+    h.expect(&[SlotState::Building, SlotState::Saved]).await;
+    std::fs::remove_file(h.slot_dir().join("memory.save")).unwrap();
+    let mut h = h.restart(false, None).await;
+    h.expect(&[SlotState::Building, SlotState::Saved]).await;
+    let mut h = h.restart(false, None).await;
+    h.expect(&[SlotState::Reverting, SlotState::Saved]).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_guest_is_gone_is_failed_not_adopted() {
+    let mut h = Harness::start(FakeHypervisor::new(), Limits::default());
+    h.reach(SlotState::Saved).await;
+    let (events_tx, mut events) = mpsc::channel(8);
+    let time_left = Duration::from_secs(30);
+    let adoption = Adoption { job: "lost".into(), events: events_tx, time_left };
+    let mut h = h.restart(true, Some(adoption)).await;
+    h.expect(&[SlotState::Reverting, SlotState::Saved]).await;
+    let Some(JobEvent::Failed { reason }) = events.recv().await else { panic!("no failure") };
+    assert!(reason.contains("could not take the job back"), "{reason}");
+    h.stop().await;
 }
 
 #[test]
 fn mark_adds_metadata_once() {
-    let marked = mark("<domain type='qemu'><name>x</name></domain>", "p", 3);
+    let marked = mark("<domain type='qemu'><name>x</name></domain>", "p", 3, "/var/lib/warmpool");
     assert!(marked.starts_with("<domain type='qemu'><metadata><warmpool:slot "), "{marked}");
     assert!(marked.contains("pool=\"p\" slot=\"3\""), "{marked}");
-    let existing = mark("<domain><metadata><other/></metadata></domain>", "p", 0);
+    let read = crate::hypervisor::DomainMark::parse("x", &marked).unwrap();
+    assert_eq!((read.pool.as_str(), read.slot), ("p", Some(3)));
+    assert_eq!(read.owner.as_deref(), Some("/var/lib/warmpool"));
+    let existing = mark("<domain><metadata><other/></metadata></domain>", "p", 0, "/s");
     assert_eq!(existing.matches("<metadata>").count(), 1, "{existing}");
 }

@@ -107,6 +107,19 @@ initrd = "{guest}/initrd.img"
         TestPool { name, state_dir, config, text }
     }
 
+    /// Clears the state directory and writes the configuration, with the HTTP API on a free
+    /// loopback port, for a daemon run as a process. Returns the file and the port.
+    pub fn write_config_with_api(&self) -> (PathBuf, u16) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        std::fs::create_dir_all(&self.state_dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let port = port.port();
+        let config = self.state_dir.join("warmpool.toml");
+        std::fs::write(&config, format!("api_listen = \"127.0.0.1:{port}\"\n{}", self.text))
+            .unwrap();
+        (config, port)
+    }
+
     pub fn slot_dir(&self, index: usize) -> PathBuf {
         self.state_dir.join("pools").join(&self.name).join(index.to_string())
     }
@@ -202,8 +215,7 @@ impl Running {
         daemon::shutdown(&self.control.take().unwrap()).await;
         let left = self.hypervisor.list_marked(&self.pool).await.unwrap();
         assert!(left.is_empty(), "domains left behind: {left:?}");
-        let dir = self.state_dir.join("pools").join(&self.pool);
-        assert!(!dir.exists(), "slot files left behind in {}", dir.display());
+        assert_only_snapshots_left(&self.state_dir.join("pools").join(&self.pool));
         let listed = std::process::Command::new("virsh")
             .args(["-c", &uri(), "list", "--all", "--name"])
             .output();
@@ -215,6 +227,31 @@ impl Running {
             );
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// The files a stopped slot keeps: its clean snapshot, for the next start to revert to.
+pub const SNAPSHOT_FILES: [&str; 7] = [
+    "clean.qcow2",
+    "memory.save",
+    "restore.xml",
+    "snapshot.json",
+    "clean-nvram.fd",
+    "clean-tpm",
+    "console.log",
+];
+
+/// Checks that a stopped pool's directory holds clean snapshots and nothing a job left: no job
+/// overlay, no job port, no firmware variables in use.
+pub fn assert_only_snapshots_left(pool_dir: &Path) {
+    let Ok(slots) = std::fs::read_dir(pool_dir) else { return };
+    for slot in slots {
+        let slot = slot.unwrap().path();
+        for file in std::fs::read_dir(&slot).unwrap() {
+            let name = file.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(SNAPSHOT_FILES.contains(&name.as_str()), "{} left in {}", name, slot.display());
+        }
+        assert!(slot.join("snapshot.json").exists(), "{} has no snapshot", slot.display());
     }
 }
 
@@ -272,10 +309,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, log: &Path) -> Daemon {
+        Daemon::start_with_env(config, log, &[])
+    }
+
+    /// Starts the daemon with `env` added to its environment.
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = std::process::Command::new(BIN)
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
