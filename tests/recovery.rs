@@ -1,7 +1,8 @@
 //! A daemon killed with SIGKILL at many moments while jobs flow (building, assigning, running,
 //! reverting) and restarted each time: no domain or file leaks, every job ends finished or
 //! failed with a reason, no job runs twice, a job running in a healthy guest is adopted, and
-//! every slot is ready again.
+//! every slot is ready again. A last kill comes while a GitHub job has its just-in-time runner
+//! registered at the fake GitHub server; after the restart no registration is left.
 
 mod support;
 
@@ -13,6 +14,7 @@ use support::{Daemon, TestPool, BIN};
 use warmpool::config::Arch;
 use warmpool::hypervisor::libvirt::Libvirt;
 use warmpool::hypervisor::Hypervisor;
+use warmpool::provider::github::fake::{FakeGithub, Scope};
 use warmpool::store::{JobFilter, JobState, Store, MAX_PAGE};
 
 const SLOTS: u32 = 2;
@@ -121,6 +123,9 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
     }
     let pool = TestPool::new("recovery", Arch::X86_64, SLOTS, "max_job_secs = 120");
     let (config, port) = pool.write_config_with_api();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[github]\nhost_name = \"crash\"\nreconcile_interval_secs = 5\n");
+    std::fs::write(&config, text).unwrap();
     let log = pool.state_dir.join("daemon.log");
     let mut h = Harness { pool, port, config, log, logs: String::new() };
     let hypervisor = Libvirt::connect(&support::uri()).await.unwrap();
@@ -180,9 +185,35 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
         daemon = h.start_daemon();
     }
 
-    // The last daemon settles: every job ends, every slot is ready.
-    h.wait_healthy(&mut daemon).await;
+    // A GitHub job: the kill comes once its runner is registered.
     let token = token.unwrap();
+    h.wait_healthy(&mut daemon).await;
+    let github = FakeGithub::start().await.unwrap();
+    github.add_token("acme-token");
+    let target = format!("http://127.0.0.1:{}/webhooks/github", h.port);
+    let secret = b"recovery webhook secret";
+    github.run_jobs_on_runners(Some((&target, secret)), Duration::ZERO);
+    add_github_tenant(h.port, &token, &github.url(), std::str::from_utf8(secret).unwrap()).await;
+    let job = github.queue_job("acme", "app", &["self-hosted"]);
+    let body = github.workflow_job_event("queued", &job, None).to_string();
+    let delivery = format!("queued-{}", job.id);
+    let (status, answer) =
+        FakeGithub::deliver(&target, secret, "workflow_job", &delivery, body.as_bytes())
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let began = Instant::now();
+    while github.jit_requests().is_empty() {
+        assert!(began.elapsed() < support::SETTLE_TIMEOUT, "no runner registered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acme = Scope::Organization("acme".into());
+    let registered_at_kill = github.runners(&acme).len();
+    h.kill(daemon);
+    let mut daemon = h.start_daemon();
+
+    // The last daemon settles: every job ends, every slot is ready, no runner is left.
+    h.wait_healthy(&mut daemon).await;
     for id in &submitted {
         h.wait_job(&token, id, &["finished", "failed"]).await;
     }
@@ -196,6 +227,15 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
         assert_eq!(slot["state"], "ready", "{status}");
     }
     h.check_domains(&hypervisor).await;
+    let began = Instant::now();
+    while !github.runners(&acme).is_empty() {
+        assert!(
+            began.elapsed() < support::SETTLE_TIMEOUT,
+            "runners left: {:?}",
+            github.runners(&acme)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     daemon.signal("-TERM");
     assert!(daemon.wait(Duration::from_secs(60)).success(), "{}", daemon.log());
     h.logs.push_str(&daemon.log());
@@ -226,7 +266,10 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
         // job leaves it to the next one to adopt, which is no second run.
         assert!(assigned <= 1, "job {} was assigned {assigned} times", job.id);
     }
-    assert_eq!(jobs.jobs.len(), submitted.len());
+    let local = jobs.jobs.iter().filter(|job| job.id.starts_with("local-")).count();
+    assert_eq!(local, submitted.len());
+    assert!(jobs.jobs.iter().any(|job| job.id.starts_with("github-")), "no GitHub job recorded");
+    eprintln!("runners registered at the GitHub kill: {registered_at_kill}; none left after");
     let adoptions = h.logs.matches("Job adopted from an earlier run").count();
     eprintln!(
         "{} jobs over {} kills: {outcomes:?}; {adoptions} adopted",
@@ -235,4 +278,26 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
     );
     assert!(adoptions > 0, "no running job was adopted:\n{}", h.logs);
     let _ = std::fs::remove_dir_all(&h.pool.state_dir);
+}
+
+/// Registers the GitHub organisation `acme` with a token at the fake server.
+async fn add_github_tenant(port: u16, token: &str, url: &str, webhook_secret: &str) {
+    let body = serde_json::json!({
+        "name": "acme",
+        "kind": "github",
+        "settings": { "owner": "acme", "api_url": url },
+    })
+    .to_string();
+    let (status, answer) =
+        support::http(port, "POST", "/v1/tenants", Some(token), Some(&body)).await.unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let tenant: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let id = tenant["id"].as_str().unwrap();
+    for (name, value) in [("token", "acme-token"), ("webhook_secret", webhook_secret)] {
+        let path = format!("/v1/tenants/{id}/secrets/{name}");
+        let body = serde_json::json!({ "value": value }).to_string();
+        let (status, answer) =
+            support::http(port, "PUT", &path, Some(token), Some(&body)).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
 }

@@ -29,6 +29,8 @@ use crate::store::{GithubScope, GithubSettings};
 
 /// How long before an installation token expires that it is replaced.
 pub const TOKEN_RENEWAL: Duration = Duration::from_secs(5 * 60);
+/// The label of every self-hosted runner, which jobs may name without a pool carrying it.
+pub const SELF_HOSTED: &str = "self-hosted";
 /// github.com's API root.
 pub const GITHUB_API: &str = "https://api.github.com";
 /// A call that hangs this long is a failed attempt.
@@ -209,6 +211,10 @@ impl GithubClient {
             encoded_jit_config: String,
         }
         let path = format!("{}/actions/runners/generate-jitconfig", self.scope_path());
+        // GitHub wants at least one label; a pool without labels takes the one every
+        // self-hosted runner has.
+        let self_hosted = [SELF_HOSTED.to_owned()];
+        let labels = if labels.is_empty() { &self_hosted[..] } else { labels };
         let body = Body { name, runner_group_id, labels, work_folder: "_work" };
         let answer: Answer = self.json(Method::POST, &path, Some(&body), "a JIT runner").await?;
         Ok(JitRunner { runner: answer.runner, encoded_jit_config: answer.encoded_jit_config })
