@@ -481,12 +481,10 @@ async fn the_reconciler_finds_lost_jobs_and_deletes_leaked_runners() {
         .generate_jit_config("warmpool-testhost-test-0-999", 1, &["linux".to_string()])
         .await
         .unwrap();
-    let foreign = client.generate_jit_config("someone-elses-runner", 1, &[]).await;
-    assert!(foreign.is_err(), "the fake wants labels");
-    let foreign = client
-        .generate_jit_config("someone-elses-runner", 1, &["linux".to_string()])
-        .await
-        .unwrap();
+    // GitHub wants a label: a runner without labels is registered as `self-hosted`.
+    let foreign = client.generate_jit_config("someone-elses-runner", 1, &[]).await.unwrap();
+    let request = fixture.github.jit_requests().pop().unwrap();
+    assert_eq!(request.labels, ["self-hosted"]);
 
     // Another, still busy with a job: GitHub refuses its deletion until the job ends.
     let busy = client
