@@ -183,7 +183,7 @@ fn rewrite_config(text: &str, dir: &Path, slots: Option<u32>) -> Result<String, 
 /// Boots the pool's guest `count` times straight from its image, one after another.
 async fn cold_boots(config: &Config, count: usize) -> Result<Vec<u64>, BenchError> {
     let hypervisor: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&config.libvirt_uri).await?);
-    let spec = Arc::new(pool::slot_spec(&config.pools[0], &config.state_dir));
+    let spec = Arc::new(pool::slot_spec(&config.pools[0], &config.state_dir, None));
     let (reports, _reports_rx) = mpsc::unbounded_channel();
     let (_stopping_tx, stopping) = watch::channel(false);
     let mut samples = Vec::with_capacity(count);

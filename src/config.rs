@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::network::Ipv4Net;
 use crate::template::{Template, TemplateError};
 
 /// Where the daemon keeps slots and the control socket unless configured otherwise.
@@ -94,6 +95,8 @@ struct RawConfig {
     tls_certificate: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     drain_grace_secs: Option<u64>,
+    #[serde(default)]
+    guest_blocked_ranges: Vec<String>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
     #[serde(default)]
@@ -152,7 +155,11 @@ struct RawPool {
     nvram_template: Option<PathBuf>,
     #[serde(default)]
     template_vars: BTreeMap<String, String>,
+    network: Option<String>,
 }
+
+/// The pool setting for a guest without a network interface.
+pub const NO_NETWORK: &str = "none";
 
 /// A validated host configuration.
 #[derive(Debug, Clone)]
@@ -170,6 +177,9 @@ pub struct Config {
     pub github: GithubConfig,
     /// At a stop or a host shutdown, how long running jobs may go on before they are ended.
     pub drain_grace_secs: u64,
+    /// IPv4 ranges no guest may reach, besides those the guest filter always drops and the
+    /// host's own addresses: the host's virtual network, say, or a corporate range.
+    pub guest_blocked_ranges: Vec<Ipv4Net>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +208,8 @@ pub struct PoolConfig {
     pub nvram_template: Option<PathBuf>,
     /// Extra values for the template's placeholders, such as a kernel path.
     pub template_vars: BTreeMap<String, String>,
+    /// The libvirt network of the slots' interfaces; none gives them no interface.
+    pub network: Option<String>,
 }
 
 impl Config {
@@ -323,6 +335,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let github = validate_github(raw.github)?;
     let drain_grace_secs = raw.drain_grace_secs.unwrap_or(DEFAULT_DRAIN_GRACE_SECS);
     check_range("drain_grace_secs", drain_grace_secs, 0, 86_400)?;
+    let guest_blocked_ranges = raw
+        .guest_blocked_ranges
+        .iter()
+        .enumerate()
+        .map(|(i, range)| {
+            range.parse().map_err(|reason| {
+                ConfigError::invalid(format!("guest_blocked_ranges[{i}]"), reason)
+            })
+        })
+        .collect::<Result<Vec<Ipv4Net>, ConfigError>>()?;
     Ok(Config {
         state_dir,
         libvirt_uri,
@@ -333,6 +355,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pools,
         github,
         drain_grace_secs,
+        guest_blocked_ranges,
     })
 }
 
@@ -400,6 +423,19 @@ fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> 
     if let Some(path) = &raw.nvram_template {
         check_absolute(&field("nvram_template"), path)?;
     }
+    let network = match raw.network.as_deref() {
+        None | Some(NO_NETWORK) => None,
+        Some(name) => {
+            check_name(&field("network"), name)?;
+            if !template.uses("interface") {
+                return Err(ConfigError::invalid(
+                    field("network"),
+                    "the template has no {{interface}}, so its slots would get no network",
+                ));
+            }
+            Some(name.to_owned())
+        }
+    };
 
     Ok(PoolConfig {
         name: raw.name,
@@ -416,6 +452,7 @@ fn validate_pool(index: usize, raw: RawPool) -> Result<PoolConfig, ConfigError> 
         boot_timeout_secs,
         nvram_template: raw.nvram_template,
         template_vars: raw.template_vars,
+        network,
     })
 }
 
@@ -524,6 +561,37 @@ mod tests {
         assert_eq!(invalid_field(&format!("tls_certificate = \"/c.pem\"\n{MINIMAL}")), "tls_key");
         let tls_only = format!("tls_certificate = \"/c.pem\"\ntls_key = \"/k.pem\"\n{MINIMAL}");
         assert_eq!(invalid_field(&tls_only), "api_listen");
+    }
+
+    #[test]
+    fn pools_choose_a_network_or_none_and_hosts_list_ranges_guests_must_not_reach() {
+        let with_network = |network: &str| {
+            MINIMAL.replace("slots = 2", &format!("slots = 2\nnetwork = \"{network}\""))
+        };
+        assert_eq!(parse(MINIMAL).unwrap().pools[0].network, None);
+        assert_eq!(parse(&with_network("none")).unwrap().pools[0].network, None);
+        let config = parse(&with_network("warmpool")).unwrap();
+        assert_eq!(config.pools[0].network.as_deref(), Some("warmpool"));
+        assert_eq!(invalid_field(&with_network("Bad Name")), "pools[0].network");
+
+        let ranges = format!("guest_blocked_ranges = [\"10.0.0.0/8\", \"192.0.2.9\"]\n{MINIMAL}");
+        let ranges = parse(&ranges).unwrap().guest_blocked_ranges;
+        assert_eq!(ranges, ["10.0.0.0/8".parse().unwrap(), "192.0.2.9/32".parse().unwrap()]);
+        let bad = format!("guest_blocked_ranges = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n{MINIMAL}");
+        assert_eq!(invalid_field(&bad), "guest_blocked_ranges[1]");
+    }
+
+    #[test]
+    fn a_network_needs_a_template_with_an_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("t.xml");
+        std::fs::write(&template, "<domain>{{name}}{{disk}}{{job_port}}</domain>").unwrap();
+        let text = MINIMAL.replace(
+            "slots = 2",
+            &format!("slots = 2\nnetwork = \"warmpool\"\ntemplate = \"{}\"", template.display()),
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("pools[0].network") && err.contains("{{interface}}"), "{err}");
     }
 
     #[test]

@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api;
-use crate::config::Config;
+use crate::config::{Config, PoolConfig};
 use crate::control::{self, Control, ControlError};
 use crate::disk;
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
+use crate::network::{self, NetworkError};
 use crate::pool::{Pool, PoolStatus};
 use crate::provider::github::{self, GithubProvider};
 use crate::scheduler::Scheduler;
@@ -404,14 +405,52 @@ pub async fn start_recovering(
 ) -> Result<Control, DaemonError> {
     disk::create_private_dir(&config.state_dir).await?;
     clear_leftovers(&*hypervisor, config).await?;
+    let mut networks = network::prepare(&*hypervisor, config).await;
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
         let adoptions = adoptions.remove(&pool.name).unwrap_or_default();
+        let network = match networks.remove(&pool.name) {
+            None => None,
+            Some(Ok(network)) => Some(network),
+            Some(Err(e)) => {
+                pools.push(refuse(&*hypervisor, config, pool, &e, adoptions).await);
+                continue;
+            }
+        };
         let (state_dir, hypervisor, metrics) =
             (&config.state_dir, hypervisor.clone(), metrics.clone());
-        pools.push(Pool::start_adopting(pool, state_dir, hypervisor, metrics, adoptions));
+        pools.push(Pool::start_adopting(pool, state_dir, hypervisor, metrics, adoptions, network));
     }
     Ok(Control::new(pools, metrics))
+}
+
+/// A pool whose network failed its check is not served: a guest on it might reach what it
+/// must not. Its running domains are stopped and its jobs fail; its clean snapshots stay on
+/// disk for when the network is fixed and the daemon restarted.
+async fn refuse(
+    hypervisor: &dyn Hypervisor,
+    config: &Config,
+    pool: &PoolConfig,
+    e: &NetworkError,
+    adoptions: BTreeMap<usize, Adoption>,
+) -> Pool {
+    error!(pool = %pool.name, error = %e, "Pool not served: its network failed the check");
+    let reason = e.to_string();
+    for adoption in adoptions.into_values() {
+        let reason = format!("The daemon refused the job's pool at its start: {reason}");
+        let _ = adoption.events.try_send(JobEvent::Failed { reason });
+    }
+    match hypervisor.list_marked(&pool.name).await {
+        Ok(domains) => {
+            for domain in domains {
+                if let Err(e) = hypervisor.destroy(&domain).await {
+                    warn!(domain, error = %e, "Cannot stop a domain of a refused pool");
+                }
+            }
+        }
+        Err(e) => warn!(pool = %pool.name, error = %e, "Cannot list a refused pool's domains"),
+    }
+    Pool::refuse(pool, &config.state_dir, reason)
 }
 
 /// Shuts every pool down: queued jobs fail, running jobs end, slots are removed. Connections

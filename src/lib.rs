@@ -21,6 +21,7 @@ pub mod guest;
 pub mod hypervisor;
 pub mod local;
 pub mod metrics;
+pub mod network;
 pub mod pool;
 pub mod provider;
 pub mod scheduler;

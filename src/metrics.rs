@@ -264,6 +264,7 @@ mod tests {
             labels: vec![],
             queued: 3,
             slots: vec![slot(SlotState::Ready), slot(SlotState::Ready), slot(SlotState::Running)],
+            refused: None,
         }];
         let text = metrics.render_prometheus(&pools);
         for line in [

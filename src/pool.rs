@@ -26,6 +26,7 @@ use tracing::{info, Instrument};
 use crate::config::{Acceleration, Arch, PoolConfig};
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
+use crate::network::GuestNetwork;
 use crate::slot::{
     domain_name, Adoption, Job, JobFailure, Slot, SlotCommand, SlotReport, SlotSpec, SlotState,
 };
@@ -40,6 +41,9 @@ pub struct PoolStatus {
     /// Jobs waiting for a slot.
     pub queued: usize,
     pub slots: Vec<SlotStatus>,
+    /// Why the daemon does not serve the pool, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -88,7 +92,7 @@ impl Pool {
         hypervisor: Arc<dyn Hypervisor>,
         metrics: Arc<Metrics>,
     ) -> Pool {
-        Pool::start_adopting(config, state_dir, hypervisor, metrics, BTreeMap::new())
+        Pool::start_adopting(config, state_dir, hypervisor, metrics, BTreeMap::new(), None)
     }
 
     /// Starts the pool's slots; those named in `adoptions` first try to take back the job an
@@ -99,8 +103,9 @@ impl Pool {
         hypervisor: Arc<dyn Hypervisor>,
         metrics: Arc<Metrics>,
         mut adoptions: BTreeMap<usize, Adoption>,
+        network: Option<Arc<GuestNetwork>>,
     ) -> Pool {
-        let spec = Arc::new(slot_spec(config, state_dir));
+        let spec = Arc::new(slot_spec(config, state_dir, network));
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (stopping, stopping_rx) = watch::channel(false);
         let slots = (0..config.slots as usize)
@@ -143,6 +148,7 @@ impl Pool {
             ready_target: config.ready as usize,
             slots,
             queue: VecDeque::new(),
+            refused: None,
         };
         info!(pool = %config.name, slots = config.slots, ready = config.ready, "Pool started");
         let task = tokio::spawn(dispatcher.run(requests_rx, reports));
@@ -150,6 +156,35 @@ impl Pool {
             name: config.name.clone(),
             labels: config.labels.clone(),
             ready_target: config.ready as usize,
+            requests,
+            capacity,
+            stopping,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// A pool the daemon must not serve, for `reason`: it has no slots, its status says why,
+    /// and every job sent to it fails at once with the reason.
+    pub fn refuse(config: &PoolConfig, state_dir: &Path, reason: String) -> Pool {
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let (_reports_tx, reports) = mpsc::unbounded_channel();
+        let (capacity_tx, capacity) = watch::channel(0);
+        let (stopping, _) = watch::channel(false);
+        let dispatcher = Dispatcher {
+            capacity: capacity_tx,
+            name: config.name.clone(),
+            dir: state_dir.join("pools").join(&config.name),
+            labels: config.labels.clone(),
+            ready_target: 0,
+            slots: Vec::new(),
+            queue: VecDeque::new(),
+            refused: Some(reason),
+        };
+        let task = tokio::spawn(dispatcher.run(requests_rx, reports));
+        Pool {
+            name: config.name.clone(),
+            labels: config.labels.clone(),
+            ready_target: 0,
             requests,
             capacity,
             stopping,
@@ -228,7 +263,11 @@ impl Pool {
 }
 
 /// The per-pool values of a slot's template and paths.
-pub(crate) fn slot_spec(config: &PoolConfig, state_dir: &Path) -> SlotSpec {
+pub(crate) fn slot_spec(
+    config: &PoolConfig,
+    state_dir: &Path,
+    network: Option<Arc<GuestNetwork>>,
+) -> SlotSpec {
     let accel = resolve_acceleration(config.acceleration, config.arch);
     let mut values: BTreeMap<String, String> = config.template_vars.clone();
     values.insert("vcpus".into(), config.vcpus.to_string());
@@ -250,6 +289,7 @@ pub(crate) fn slot_spec(config: &PoolConfig, state_dir: &Path) -> SlotSpec {
         dir: state_dir.join("pools").join(&config.name),
         owner: state_dir.display().to_string(),
         first_backoff: crate::slot::FIRST_BACKOFF,
+        network,
     }
 }
 
@@ -350,6 +390,8 @@ struct Dispatcher {
     slots: Vec<SlotHandle>,
     queue: VecDeque<Job>,
     capacity: watch::Sender<usize>,
+    /// Why the pool is not served; it then has no slots.
+    refused: Option<String>,
 }
 
 impl Dispatcher {
@@ -445,6 +487,11 @@ impl Dispatcher {
     /// memory cover the ready count and the jobs still waiting.
     fn dispatch(&mut self) {
         self.queue.retain(|job| !job.events.is_closed());
+        if let Some(reason) = &self.refused {
+            let reason = format!("pool `{}` is not served: {reason}", self.name);
+            self.queue.drain(..).for_each(|job| job.fail(&reason));
+            return;
+        }
         self.unpin_failed_slots();
         if !self.queue.is_empty() && self.count(SlotState::Quarantined) == self.slots.len() {
             self.fail_queue_while_quarantined();
@@ -565,6 +612,7 @@ impl Dispatcher {
                     error: slot.error.clone(),
                 })
                 .collect(),
+            refused: self.refused.clone(),
         }
     }
 

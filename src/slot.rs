@@ -43,6 +43,7 @@ use crate::guest::{GuestMessage, JobMessage, JobPort, PortError, Run};
 use crate::hypervisor::libvirt::METADATA_NAMESPACE;
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::metrics::{Metrics, Series};
+use crate::network::GuestNetwork;
 use crate::template::{Template, TemplateError};
 
 /// How long a resumed guest may take to answer a job with `started`. The reference guest under
@@ -263,6 +264,8 @@ pub struct SlotSpec {
     pub owner: String,
     /// The first quarantine's length; each one after it doubles, up to [`MAX_BACKOFF`].
     pub first_backoff: Duration,
+    /// The checked network of the slots' interfaces, when the pool has one.
+    pub network: Option<Arc<GuestNetwork>>,
 }
 
 /// The files of one slot.
@@ -698,6 +701,8 @@ impl Slot {
         values.insert("job_port".into(), path(&self.paths.job_port));
         values.insert("console_log".into(), path(&self.paths.console_log));
         values.insert("nvram".into(), path(&self.paths.nvram));
+        let interface = self.spec.network.as_ref().map(|n| n.interface_xml(self.index));
+        values.insert("interface".into(), interface.unwrap_or_default());
         let xml = self.spec.template.render(&values)?;
         Ok(mark(&xml, &self.spec.pool, self.index, &self.spec.owner))
     }

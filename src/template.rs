@@ -24,7 +24,11 @@ pub const BUILTIN: &[&str] = &[
     "job_port",
     "console_log",
     "nvram",
+    "interface",
 ];
+
+/// Built-in placeholders whose values are whole elements, inserted as they are.
+const ELEMENTS: &[&str] = &["cpu", "interface"];
 
 /// Placeholders a template must have for the daemon to manage its domains at all.
 const REQUIRED: &[&str] = &["name", "disk", "job_port"];
@@ -144,8 +148,7 @@ impl Template {
                     let value = values.get(name).or(default.as_ref());
                     let value =
                         value.ok_or_else(|| TemplateError::NoValue { name: name.clone() })?;
-                    // The daemon's own `cpu` value is an element, not text.
-                    if name == "cpu" {
+                    if ELEMENTS.contains(&name.as_str()) {
                         out.push_str(value);
                     } else {
                         out.push_str(&xml_escape(value));

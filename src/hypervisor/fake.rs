@@ -22,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{DomainMark, DomainState, Hypervisor, HypervisorError};
+use super::{DhcpHostChange, DomainMark, DomainState, Hypervisor, HypervisorError, NetworkInfo};
 use crate::guest::{JobMessage, Run};
 
 /// A domain template in the shape the fake understands.
@@ -46,6 +46,8 @@ struct State {
     log: Vec<String>,
     /// What a fake guest runs for a GitHub runner job.
     runner_script: String,
+    networks: HashMap<String, NetworkInfo>,
+    filters: HashMap<String, String>,
 }
 
 struct FakeDomain {
@@ -100,6 +102,17 @@ impl FakeHypervisor {
     }
 
     /// Names of the domains that exist now.
+    /// Defines (or replaces) a virtual network. DHCP host changes edit its XML in place: an
+    /// added `<host/>` goes before `</dhcp>`, a deleted one is cut out.
+    pub fn define_network(&self, name: &str, xml: &str, active: bool) {
+        let info = NetworkInfo { xml: xml.to_owned(), active };
+        self.state.lock().unwrap().networks.insert(name.to_owned(), info);
+    }
+
+    pub fn define_filter(&self, name: &str, xml: &str) {
+        self.state.lock().unwrap().filters.insert(name.to_owned(), xml.to_owned());
+    }
+
     pub fn domains(&self) -> Vec<String> {
         let mut names: Vec<String> = self.state.lock().unwrap().domains.keys().cloned().collect();
         names.sort();
@@ -340,5 +353,43 @@ impl Hypervisor for FakeHypervisor {
         let marks =
             state.domains.iter().filter_map(|(name, domain)| DomainMark::parse(name, &domain.xml));
         Ok(marks.collect())
+    }
+
+    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>, HypervisorError> {
+        self.enter("network", name)?;
+        Ok(self.state.lock().unwrap().networks.get(name).cloned())
+    }
+
+    async fn network_filter(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.enter("network_filter", name)?;
+        Ok(self.state.lock().unwrap().filters.get(name).cloned())
+    }
+
+    async fn update_dhcp_host(
+        &self,
+        network: &str,
+        change: DhcpHostChange,
+    ) -> Result<(), HypervisorError> {
+        self.enter("update_dhcp_host", network)?;
+        let mut state = self.state.lock().unwrap();
+        let info = state
+            .networks
+            .get_mut(network)
+            .ok_or_else(|| HypervisorError::operation("Update", network, "no such network"))?;
+        match change {
+            DhcpHostChange::Add(host) => {
+                let at = info.xml.find("</dhcp>").ok_or_else(|| {
+                    HypervisorError::operation("Update", network, "the network has no DHCP")
+                })?;
+                info.xml.insert_str(at, &host);
+            }
+            DhcpHostChange::Delete(host) => {
+                let found = info.xml.find(&host).ok_or_else(|| {
+                    HypervisorError::operation("Update", network, "no such DHCP host")
+                })?;
+                info.xml.replace_range(found..found + host.len(), "");
+            }
+        }
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use virt::domain::{Domain, DomainState as VirtState};
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{DomainMark, DomainState, Hypervisor, HypervisorError};
+use super::{DhcpHostChange, DomainMark, DomainState, Hypervisor, HypervisorError, NetworkInfo};
 
 /// The XML namespace of the metadata element that marks a domain as a warmpool slot.
 pub const METADATA_NAMESPACE: &str = "https://warmpool.dev/xmlns/slot/1";
@@ -76,6 +76,10 @@ fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, HypervisorError>
         Err(e) if is_no_domain(&e) => Ok(None),
         Err(e) => Err(HypervisorError::operation("Lookup", name, e.message())),
     }
+}
+
+fn is_missing(e: &virt::error::Error, number: ErrorNumber) -> bool {
+    e.code().is_known_and(|code| code == number)
 }
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
@@ -209,6 +213,67 @@ impl Hypervisor for Libvirt {
                 marks.extend(DomainMark::parse(&name, &metadata));
             }
             Ok(marks)
+        })
+        .await
+    }
+
+    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>, HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| {
+            let network = match conn.lookup_network_by_name(&name) {
+                Ok(network) => network,
+                Err(e) if is_missing(&e, ErrorNumber::NoNetwork) => return Ok(None),
+                Err(e) => return Err(HypervisorError::operation("Lookup", &name, e.message())),
+            };
+            let failed = |e: virt::error::Error| {
+                HypervisorError::operation("Describe network", &name, e.message())
+            };
+            let active = network.is_active().map_err(failed)?;
+            let xml = network.xml_desc(0).map_err(failed)?;
+            Ok(Some(NetworkInfo { xml, active }))
+        })
+        .await
+    }
+
+    async fn network_filter(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| {
+            let filter = match conn.lookup_nwfilter_by_name(&name) {
+                Ok(filter) => filter,
+                Err(e) if is_missing(&e, ErrorNumber::NoNwfilter) => return Ok(None),
+                Err(e) => return Err(HypervisorError::operation("Lookup", &name, e.message())),
+            };
+            filter
+                .xml_desc(0)
+                .map(Some)
+                .map_err(|e| HypervisorError::operation("Describe filter", &name, e.message()))
+        })
+        .await
+    }
+
+    async fn update_dhcp_host(
+        &self,
+        network: &str,
+        change: DhcpHostChange,
+    ) -> Result<(), HypervisorError> {
+        let name = network.to_owned();
+        self.blocking(move |conn| {
+            let failed = |e: virt::error::Error| {
+                HypervisorError::operation("Update DHCP hosts of", &name, e.message())
+            };
+            let network = conn.lookup_network_by_name(&name).map_err(failed)?;
+            let (command, xml) = match &change {
+                DhcpHostChange::Add(xml) => (sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, xml),
+                DhcpHostChange::Delete(xml) => (sys::VIR_NETWORK_UPDATE_COMMAND_DELETE, xml),
+            };
+            // A transient network has no persistent definition to change.
+            let mut flags = sys::VIR_NETWORK_UPDATE_AFFECT_LIVE;
+            if network.is_persistent().map_err(failed)? {
+                flags |= sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG;
+            }
+            network
+                .update(command, sys::VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, xml, flags)
+                .map_err(failed)
         })
         .await
     }

@@ -35,6 +35,21 @@ impl HypervisorError {
     }
 }
 
+/// A virtual network: its XML (the running definition when it runs) and whether it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub xml: String,
+    pub active: bool,
+}
+
+/// A change to a network's DHCP reservations; the string is a `<host mac='' ip='' name=''/>`
+/// element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DhcpHostChange {
+    Add(String),
+    Delete(String),
+}
+
 /// The state of a domain as the pool cares about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainState {
@@ -70,6 +85,20 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// The running or paused domains that carry warmpool's mark, with what it says.
     async fn marked_domains(&self) -> Result<Vec<DomainMark>, HypervisorError>;
+
+    /// The virtual network `name` as libvirt describes it, or `None` when libvirt has none.
+    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>, HypervisorError>;
+
+    /// The XML of the network filter `name`, or `None` when libvirt has none.
+    async fn network_filter(&self, name: &str) -> Result<Option<String>, HypervisorError>;
+
+    /// Adds or deletes a `<host>` entry of the network's DHCP server, in its running and in its
+    /// persistent definition.
+    async fn update_dhcp_host(
+        &self,
+        network: &str,
+        change: DhcpHostChange,
+    ) -> Result<(), HypervisorError>;
 
     /// Names of the running or paused domains marked as slots of `pool`.
     async fn list_marked(&self, pool: &str) -> Result<Vec<String>, HypervisorError> {

@@ -30,6 +30,7 @@ pub(crate) fn config(dir: &Path, slots: u32, ready: u32) -> PoolConfig {
         boot_timeout_secs: 5,
         nvram_template: None,
         template_vars: BTreeMap::new(),
+        network: None,
     }
 }
 

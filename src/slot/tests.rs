@@ -52,6 +52,7 @@ impl Harness {
             dir: dir.path().join("slots"),
             owner: dir.path().display().to_string(),
             first_backoff: Duration::from_millis(50),
+            network: None,
         });
         Harness::spawn(fake, dir, spec, None, Vec::new())
     }
