@@ -314,8 +314,28 @@ impl Daemon {
 
     /// Starts the daemon with `env` added to its environment.
     pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_through(&[], config, log, env)
+    }
+
+    /// Starts the daemon as the last argument of `wrapper`, a command that runs its arguments
+    /// (such as `scripts/netns-libvirt exec NAME DIR --`) and becomes the daemon with `exec`.
+    pub fn start_through(
+        wrapper: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = std::process::Command::new(BIN)
+        let (program, args) = match wrapper.split_first() {
+            Some((program, args)) => (*program, args),
+            None => (BIN, &[][..]),
+        };
+        let mut command = std::process::Command::new(program);
+        command.args(args);
+        if !wrapper.is_empty() {
+            command.arg(BIN);
+        }
+        let child = command
             .args(["serve", "--config"])
             .arg(config)
             .envs(env.iter().copied())
