@@ -110,6 +110,17 @@ pub async fn run_service(options: BenchOptions) -> Result<service::ServiceBenchR
     result
 }
 
+/// Measures what a guest network adds to a revert, side by side; see [`network`].
+pub async fn run_network(
+    options: BenchOptions,
+    network_name: &str,
+) -> Result<network::NetworkBenchReport, BenchError> {
+    let dir = bench_dir(&options).await?;
+    let result = network::run(&options, network_name, &dir).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
 /// A directory of the benchmark's own in the configured state directory.
 async fn bench_dir(options: &BenchOptions) -> Result<PathBuf, BenchError> {
     let original = Config::parse(&options.config_text, &options.origin)?;
@@ -354,6 +365,7 @@ fn tail(path: &Path) -> String {
 }
 
 pub mod github;
+pub mod network;
 pub mod service;
 
 #[cfg(test)]

@@ -135,6 +135,11 @@ enum Command {
         /// kept snapshots, and the stop after SIGTERM with no job running.
         #[arg(long, conflicts_with = "github")]
         service: bool,
+        /// Measure what the libvirt network NETWORK adds to a revert instead: the first pool
+        /// runs twice side by side, without a network and on NETWORK (one slot each unless
+        /// --slots), and jobs alternate between the two.
+        #[arg(long, value_name = "NETWORK", conflicts_with_all = ["github", "service"])]
+        network: Option<String>,
     },
 }
 
@@ -337,7 +342,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { config, jobs, cold_boots, slots, json: _, github, service } => {
+        Command::Bench { config, jobs, cold_boots, slots, json: _, github, service, network } => {
             let (text, origin) = match config.or_else(system_config) {
                 Some(path) => (
                     std::fs::read_to_string(&path)
@@ -347,7 +352,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => (Config::builtin_default_toml(), PathBuf::from("built-in default")),
             };
             let options = BenchOptions { config_text: text, origin, jobs, cold_boots, slots };
-            let report = if github {
+            let report = if let Some(network) = network {
+                serde_json::to_string(&bench::run_network(options, &network).await?)?
+            } else if github {
                 serde_json::to_string(&bench::run_github(options).await?)?
             } else if service {
                 serde_json::to_string(&bench::run_service(options).await?)?
