@@ -451,11 +451,16 @@ fn reservation_changes<'a>(
     (stale, missing)
 }
 
-async fn check_filter(hypervisor: &dyn Hypervisor) -> Result<(), NetworkError> {
+/// Checks that libvirt's `warmpool-guest` filter has the rules of the built-in copy. libvirt
+/// applies a changed filter to running guests at once, so slots check it again before every
+/// start and restore.
+pub async fn check_filter(hypervisor: &dyn Hypervisor) -> Result<(), NetworkError> {
+    static EXPECTED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let expected =
+        EXPECTED.get_or_init(|| filter_rules(FILTER_XML).expect("the built-in filter parses"));
     let xml = hypervisor.network_filter(FILTER_NAME).await?.ok_or(NetworkError::NoFilter)?;
-    let expected = filter_rules(FILTER_XML).expect("the built-in filter parses");
     let present = filter_rules(&xml)?;
-    match first_difference(&expected, &present) {
+    match first_difference(expected, &present) {
         None => Ok(()),
         Some(difference) => Err(NetworkError::FilterDiffers { difference }),
     }

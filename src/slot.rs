@@ -43,7 +43,7 @@ use crate::guest::{GuestMessage, JobMessage, JobPort, PortError, Run};
 use crate::hypervisor::libvirt::METADATA_NAMESPACE;
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::metrics::{Metrics, Series};
-use crate::network::GuestNetwork;
+use crate::network::{self, GuestNetwork};
 use crate::template::{Template, TemplateError};
 
 /// How long a resumed guest may take to answer a job with `started`. The reference guest under
@@ -167,6 +167,8 @@ pub enum SlotError {
     StoppedBeforeReady { console: String },
     #[error("The saved domain XML does not name the clean overlay {0}")]
     SavedXml(String),
+    #[error("The guest may not start: {0}")]
+    Network(String),
 }
 
 /// Why a job ended without the guest reporting `finished`.
@@ -654,6 +656,7 @@ impl Slot {
     /// Starts a domain and waits until its guest says `ready`, keeping the job port open.
     async fn boot_to_ready(&mut self, xml: &str) -> Result<(), SlotError> {
         disk::remove_file(&self.paths.job_port).await?;
+        self.check_filter().await?;
         self.hypervisor.start(xml).await?;
         let console = self.paths.console_log.display().to_string();
         let secs = self.spec.boot_timeout.as_secs();
@@ -732,11 +735,22 @@ impl Slot {
         }
     }
 
+    /// A guest with a network starts only behind warmpool's own filter, which an operator
+    /// could have changed since the daemon checked it at start.
+    async fn check_filter(&self) -> Result<(), SlotError> {
+        if self.spec.network.is_some() {
+            let checked = network::check_filter(&*self.hypervisor).await;
+            checked.map_err(|e| SlotError::Network(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     async fn try_restore(&mut self) -> Result<JobPort, SlotError> {
         let xml = tokio::fs::read_to_string(&self.paths.restore_xml).await.map_err(|source| {
             DiskError::File { operation: "Read", path: self.paths.restore_xml.clone(), source }
         })?;
         disk::remove_file(&self.paths.job_port).await?;
+        self.check_filter().await?;
         self.hypervisor.restore_paused(&self.paths.memory, &xml).await?;
         Ok(JobPort::connect(&self.paths.job_port).await?)
     }

@@ -339,3 +339,36 @@ async fn the_daemon_serves_pools_on_a_good_network_and_refuses_the_others() {
     assert!(fake.domains().iter().all(|domain| domain.starts_with("warmpool-c-")));
     crate::daemon::shutdown(&control).await;
 }
+
+#[tokio::test]
+async fn a_filter_changed_while_the_daemon_runs_keeps_every_guest_from_starting_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let fake = FakeHypervisor::new();
+    define_good(&fake);
+    let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
+    let control =
+        crate::daemon::start(&config, hypervisor, Arc::new(Metrics::default())).await.unwrap();
+    let pool = &control.pools()[0];
+    tokio::time::timeout(Duration::from_secs(10), pool.built()).await.unwrap();
+
+    fake.define_filter(FILTER_NAME, &FILTER_XML.replace("priority='-380'", "priority='-381'"));
+    let run = |id: &str| {
+        let (events, mut events_rx) = mpsc::channel(8);
+        pool.submit(Job::new(id.into(), Run::script("exit 0"), events));
+        async move {
+            let mut last = None;
+            while let Some(event) = events_rx.recv().await {
+                last = Some(event);
+            }
+            last.unwrap()
+        }
+    };
+    // The two ready slots run a job each, then cannot be restored behind the changed filter.
+    assert_eq!(run("j1").await, JobEvent::Finished { exit_code: 0 });
+    assert_eq!(run("j2").await, JobEvent::Finished { exit_code: 0 });
+    let last = tokio::time::timeout(Duration::from_secs(10), run("j3")).await.unwrap();
+    let JobEvent::Failed { reason } = last else { panic!("{last:?}") };
+    assert!(reason.contains("quarantined") && reason.contains("differs"), "{reason}");
+    crate::daemon::shutdown(&control).await;
+}
