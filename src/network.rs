@@ -60,7 +60,10 @@ pub enum NetworkError {
          update it with host-setup/setup"
     )]
     FilterDiffers { difference: String },
-    #[error("Network `{network}` has room for {room} guests, but its pools have {slots} slots")]
+    #[error(
+        "Network `{network}` has room for {room} guests, but its pools have {slots} slots: \
+         give it a larger subnet with host-setup/setup --guest-network"
+    )]
     Full { network: String, room: usize, slots: usize },
     #[error("Cannot read the XML of {what}: {message}")]
     Xml { what: String, message: String },
@@ -220,7 +223,12 @@ async fn prepare_network(
         .iter()
         .flat_map(|pool| (0..pool.slots as usize).map(|index| (pool.name.clone(), index)))
         .collect();
-    let addresses = allocate(&shape, &names)?;
+    let addresses = allocate(&shape, &names).map_err(|e| match e {
+        NetworkError::Full { room, slots, .. } => {
+            NetworkError::Full { network: network.to_owned(), room, slots }
+        }
+        other => other,
+    })?;
     reserve(hypervisor, network, &shape, &addresses).await?;
 
     let mut blocked: BTreeSet<Ipv4Net> = configured.iter().copied().collect();
