@@ -433,6 +433,10 @@ async fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
             pool.slots.len(),
             pool.queued
         );
+        if let Some(reason) = &pool.refused {
+            println!("  not served: {reason}");
+            continue;
+        }
         println!("  {:<28} {:<12} ERROR", "SLOT", "STATE");
         for slot in &pool.slots {
             let error = slot.error.as_deref().unwrap_or("");
@@ -623,13 +627,14 @@ mod cli {
             .map(|pool| {
                 let slots = pool["slots"].as_array().map_or(0, Vec::len);
                 let ready = pool["slots"].as_array().into_iter().flatten().filter(|s| s["state"] == "ready").count();
-                json!({"name": pool["name"], "slots": slots, "ready": ready, "queued": pool["queued"], "image_generation": pool["image_generation"], "labels": pool["labels"]})
+                let refused = pool.get("refused").cloned().unwrap_or(Value::Null);
+                json!({"name": pool["name"], "slots": slots, "ready": ready, "queued": pool["queued"], "image_generation": pool["image_generation"], "labels": pool["labels"], "not_served": refused})
             })
             .collect();
         show(
             &api,
             &Value::Array(rows),
-            &["name", "slots", "ready", "queued", "image_generation", "labels"],
+            &["name", "slots", "ready", "queued", "image_generation", "labels", "not_served"],
         );
         Ok(ExitCode::SUCCESS)
     }

@@ -487,6 +487,9 @@ async fn refuses_a_pool_whose_filter_differs(
     };
     assert!(refused.contains("differs from the one warmpool ships"), "{refused}");
     assert!(refused.contains("169.254.0.0"), "{refused}");
+    let status = Command::new(BIN).args(["status", "--socket"]).arg(socket).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains("  not served: Network filter `warmpool-guest` differs"), "{status}");
     let domains = namespaces.run_in_host(&["virsh", "-q", "list", "--all", "--name"]);
     assert!(String::from_utf8_lossy(&domains.stdout).trim().is_empty(), "a refused pool ran");
 
