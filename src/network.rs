@@ -13,7 +13,8 @@
 //!   passed to the filter, which therefore needs no address learning and holds across reverts.
 //!
 //! The ranges passed to the filter are the host's own IPv4 addresses outside the guest network
-//! (found when the daemon starts) and the configured `guest_blocked_ranges`.
+//! and the configured `guest_blocked_ranges`. The host's addresses are read again for every
+//! start and restore of a slot, whose restore XML gets the filter reference of that moment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -149,23 +150,47 @@ pub struct GuestNetwork {
     pub name: String,
     pub gateway: Ipv4Addr,
     pub subnet: Ipv4Net,
-    /// Ranges the filter drops besides its own: the host's addresses and the configured ones.
-    pub blocked: Vec<Ipv4Net>,
+    /// The configured `guest_blocked_ranges`.
+    pub configured: Vec<Ipv4Net>,
     /// Each slot's address, by slot index.
     pub slots: Vec<SlotAddress>,
 }
 
 impl GuestNetwork {
+    /// The ranges the filter drops besides its own: the configured ones and the host's own
+    /// addresses as the kernel lists them now, so that a slot started or restored after the
+    /// host gained an address is kept from it too.
+    pub fn blocked(&self) -> Vec<Ipv4Net> {
+        let mut blocked: BTreeSet<Ipv4Net> = self.configured.iter().copied().collect();
+        blocked.extend(host_ranges(&host_addresses(), self.subnet));
+        // The filter needs at least one value for its list; loopback is dropped anyway.
+        if blocked.is_empty() {
+            blocked.insert(Ipv4Net::new(Ipv4Addr::LOCALHOST, 32));
+        }
+        blocked.into_iter().collect()
+    }
+
     /// The `<interface>` element of slot `index`, for the template's `{{interface}}`.
     pub fn interface_xml(&self, index: usize) -> String {
-        let slot = &self.slots[index];
+        format!(
+            "<interface type='network'>\n      <source network='{network}'/>\n      \
+             <mac address='{mac}'/>\n      <model type='virtio'/>\n      {filterref}\n    \
+             </interface>",
+            network = crate::template::xml_escape(&self.name),
+            mac = self.slots[index].mac,
+            filterref = self.filterref_xml(index),
+        )
+    }
+
+    /// The `<filterref>` of slot `index`, with the parameters as they are now.
+    pub fn filterref_xml(&self, index: usize) -> String {
         let mut parameters = vec![
-            ("IP", slot.ip.to_string()),
+            ("IP", self.slots[index].ip.to_string()),
             ("GATEWAY", self.gateway.to_string()),
             ("GUEST_NET", self.subnet.address.to_string()),
             ("GUEST_MASK", self.subnet.prefix.to_string()),
         ];
-        for range in &self.blocked {
+        for range in self.blocked() {
             parameters.push(("BLOCKED_NET", range.address.to_string()));
             parameters.push(("BLOCKED_MASK", range.prefix.to_string()));
         }
@@ -173,15 +198,27 @@ impl GuestNetwork {
             .iter()
             .map(|(name, value)| format!("\n        <parameter name='{name}' value='{value}'/>"))
             .collect();
-        format!(
-            "<interface type='network'>\n      <source network='{network}'/>\n      \
-             <mac address='{mac}'/>\n      <model type='virtio'/>\n      \
-             <filterref filter='{FILTER_NAME}'>{parameters}\n      </filterref>\n    \
-             </interface>",
-            network = crate::template::xml_escape(&self.name),
-            mac = slot.mac,
-        )
+        format!("<filterref filter='{FILTER_NAME}'>{parameters}\n      </filterref>")
     }
+}
+
+/// `xml` with its filter reference replaced by `filterref`, or `None` when it has none. The
+/// filter's parameters are the host's business, not the guest's, so libvirt restores a memory
+/// image with other ones.
+pub fn with_filterref(xml: &str, filterref: &str) -> Option<String> {
+    let (start, end) = filterref_span(xml)?;
+    Some(format!("{}{filterref}{}", &xml[..start], &xml[end..]))
+}
+
+/// `xml` without its filter reference: what a clean snapshot depends on.
+pub fn without_filterref(xml: &str) -> String {
+    with_filterref(xml, "").unwrap_or_else(|| xml.to_owned())
+}
+
+fn filterref_span(xml: &str) -> Option<(usize, usize)> {
+    let start = xml.find("<filterref")?;
+    let end = start + xml[start..].find("</filterref>")? + "</filterref>".len();
+    Some((start, end))
 }
 
 /// Checks every network the pools use, reserves their slots' addresses, and returns, for each
@@ -196,11 +233,10 @@ pub async fn prepare(
             by_network.entry(network).or_default().push(pool);
         }
     }
-    let host_addresses = host_addresses();
     let mut prepared = BTreeMap::new();
     for (network, pools) in by_network {
-        let blocked = (host_addresses.as_slice(), config.guest_blocked_ranges.as_slice());
-        match prepare_network(hypervisor, network, &pools, blocked).await {
+        let configured = config.guest_blocked_ranges.as_slice();
+        match prepare_network(hypervisor, network, &pools, configured).await {
             Ok(networks) => prepared.extend(networks.into_iter().map(|(k, v)| (k, Ok(v)))),
             Err(e) => {
                 let e = Arc::new(e);
@@ -215,7 +251,7 @@ async fn prepare_network(
     hypervisor: &dyn Hypervisor,
     network: &str,
     pools: &[&PoolConfig],
-    (host_addresses, configured): (&[Ipv4Addr], &[Ipv4Net]),
+    configured: &[Ipv4Net],
 ) -> Result<BTreeMap<String, Arc<GuestNetwork>>, NetworkError> {
     check_filter(hypervisor).await?;
     let shape = network_shape(hypervisor, network).await?;
@@ -231,12 +267,6 @@ async fn prepare_network(
     })?;
     reserve(hypervisor, network, &shape, &addresses).await?;
 
-    let mut blocked: BTreeSet<Ipv4Net> = configured.iter().copied().collect();
-    blocked.extend(host_ranges(host_addresses, shape.subnet));
-    // The filter needs at least one value for its list; loopback is dropped anyway.
-    if blocked.is_empty() {
-        blocked.insert(Ipv4Net::new(Ipv4Addr::LOCALHOST, 32));
-    }
     let mut networks = BTreeMap::new();
     for pool in pools {
         let slots = (0..pool.slots as usize)
@@ -246,7 +276,7 @@ async fn prepare_network(
             name: network.to_owned(),
             gateway: shape.gateway,
             subnet: shape.subnet,
-            blocked: blocked.iter().copied().collect(),
+            configured: configured.to_vec(),
             slots,
         };
         networks.insert(pool.name.clone(), Arc::new(guest_network));

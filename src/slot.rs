@@ -509,7 +509,7 @@ impl Slot {
             image: self.spec.image.clone(),
             image_len: image.len(),
             image_modified_ns: modified.map_or(0, |t| t.as_nanos()),
-            domain_sha256: hex_sha256(xml.as_bytes()),
+            domain_sha256: hex_sha256(network::without_filterref(&xml).as_bytes()),
         })
     }
 
@@ -746,9 +746,16 @@ impl Slot {
     }
 
     async fn try_restore(&mut self) -> Result<JobPort, SlotError> {
-        let xml = tokio::fs::read_to_string(&self.paths.restore_xml).await.map_err(|source| {
-            DiskError::File { operation: "Read", path: self.paths.restore_xml.clone(), source }
-        })?;
+        let mut xml =
+            tokio::fs::read_to_string(&self.paths.restore_xml).await.map_err(|source| {
+                DiskError::File { operation: "Read", path: self.paths.restore_xml.clone(), source }
+            })?;
+        if let Some(network) = &self.spec.network {
+            let filterref = network.filterref_xml(self.index);
+            xml = network::with_filterref(&xml, &filterref).ok_or_else(|| {
+                SlotError::Network("its restore XML has no filter reference".into())
+            })?;
+        }
         disk::remove_file(&self.paths.job_port).await?;
         self.check_filter().await?;
         self.hypervisor.restore_paused(&self.paths.memory, &xml).await?;

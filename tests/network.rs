@@ -8,7 +8,8 @@
 //! - `inet`, the stand-in internet behind the uplink: 203.0.113.10 with a listener on port 80.
 //!
 //! Two reference guests with a network run jobs: one listens, the other probes everything it
-//! must not reach and the internet it must. Each blocked address is shown to answer from the
+//! must not reach and the internet it must, including an address the host gained after the
+//! daemon started. Each blocked address is shown to answer from the
 //! host's side of the bridge, so that a probe is blocked by the filter and not by a missing
 //! listener. Then the daemon is restarted with a filter that differs from warmpool's, and must
 //! refuse the pool; host-setup/setup puts the filter right again.
@@ -32,6 +33,8 @@ const GUEST_PORT: u16 = 7000;
 const INTERNET: &str = "203.0.113.10";
 const UPLINK_HOST: &str = "198.51.100.1";
 const UPLINK_INET: &str = "198.51.100.2";
+/// An address the host gains after the daemon started.
+const LATE_ADDRESS: &str = "198.51.100.77";
 const GATEWAY: &str = "10.233.0.1";
 const BRIDGE: &str = "wp-br0";
 const IMDS: &str = "169.254.169.254";
@@ -257,6 +260,7 @@ probe wireserver @WIRESERVER@ 80
 probe gateway-api @GATEWAY@ @API_PORT@
 probe gateway-ssh @GATEWAY@ @SSH_PORT@
 probe uplink-ssh @UPLINK_HOST@ @SSH_PORT@
+probe late-address-ssh @LATE_ADDRESS@ @SSH_PORT@
 probe other-guest @OTHER@ @GUEST_PORT@
 probe gateway-ssh-ipv6 "@LINK_LOCAL@%eth0" @SSH_PORT@
 
@@ -303,6 +307,7 @@ const EXPECTED: &[(&str, bool)] = &[
     ("gateway-api", false),
     ("gateway-ssh", false),
     ("uplink-ssh", false),
+    ("late-address-ssh", false),
     ("other-guest", false),
     ("gateway-ssh-ipv6", false),
     ("spoofed-arp", false),
@@ -373,6 +378,14 @@ async fn guests_reach_the_internet_and_nothing_else() {
     let mut daemon = Daemon::start_through(&wrapper, &config, &log, &[]);
     daemon.wait_ready(&socket).await;
 
+    // The host gains an address; the slots' next restores keep the guests from it.
+    namespaces.run_in_host(&["ip", "addr", "add", &format!("{LATE_ADDRESS}/32"), "dev", "wp-up"]);
+    let quick: Vec<_> = (0..2).map(|_| exec_job(&socket, "true")).collect();
+    for job in quick {
+        assert!(job.wait_with_output().unwrap().status.success());
+    }
+    daemon.wait_ready(&socket).await;
+
     let link_local = bridge_link_local(&namespaces);
     let bridge_index = interface_index(&namespaces.host, BRIDGE);
     let link_local_ssh = SocketAddr::V6(std::net::SocketAddrV6::new(
@@ -391,6 +404,7 @@ async fn guests_reach_the_internet_and_nothing_else() {
         ("gateway-api", format!("{GATEWAY}:{API_PORT}").parse().unwrap()),
         ("gateway-ssh", format!("{GATEWAY}:{SSH_PORT}").parse().unwrap()),
         ("uplink-ssh", format!("{UPLINK_HOST}:{SSH_PORT}").parse().unwrap()),
+        ("late-address-ssh", format!("{LATE_ADDRESS}:{SSH_PORT}").parse().unwrap()),
         ("gateway-ssh-ipv6", link_local_ssh),
         ("internet", format!("{INTERNET}:80").parse().unwrap()),
     ];
@@ -406,6 +420,7 @@ async fn guests_reach_the_internet_and_nothing_else() {
         .replace("@API_PORT@", &API_PORT.to_string())
         .replace("@SSH_PORT@", &SSH_PORT.to_string())
         .replace("@UPLINK_HOST@", UPLINK_HOST)
+        .replace("@LATE_ADDRESS@", LATE_ADDRESS)
         .replace("@OTHER@", &other)
         .replace("@NAMES@", &format!("{} {}", pool.domain(0), pool.domain(1)))
         .replace("@GUEST_PORT@", &GUEST_PORT.to_string())

@@ -187,7 +187,7 @@ fn the_interface_references_the_filter_with_every_parameter() {
         name: "warmpool".into(),
         gateway: Ipv4Addr::new(10, 233, 0, 1),
         subnet: "10.233.0.0/24".parse().unwrap(),
-        blocked: vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.4/32".parse().unwrap()],
+        configured: vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.4/32".parse().unwrap()],
         slots: vec![SlotAddress {
             mac: "52:54:00:e9:00:07".into(),
             ip: Ipv4Addr::new(10, 233, 0, 7),
@@ -207,12 +207,42 @@ fn the_interface_references_the_filter_with_every_parameter() {
     assert!(xml.contains("<filterref filter='warmpool-guest'>"), "{xml}");
     assert_eq!(parameter("IP"), ["10.233.0.7"]);
     assert_eq!(parameter("GATEWAY"), ["10.233.0.1"]);
+    assert_eq!(parameter("GUEST_NET"), ["10.233.0.0"]);
+    assert_eq!(parameter("GUEST_MASK"), ["24"]);
+
+    // The configured ranges and, one by one, the host's own addresses the filter's own rules
+    // leave open, as the kernel lists them now.
+    let blocked: Vec<(String, String)> =
+        parameter("BLOCKED_NET").into_iter().zip(parameter("BLOCKED_MASK")).collect();
+    let expected: Vec<(String, String)> = network
+        .blocked()
+        .iter()
+        .map(|range| (range.address.to_string(), range.prefix.to_string()))
+        .collect();
+    assert_eq!(blocked, expected);
+    assert!(blocked.contains(&("10.0.0.0".into(), "8".into())));
+    assert!(blocked.contains(&("192.0.2.4".into(), "32".into())));
+    for host in host_ranges(&host_addresses(), network.subnet) {
+        assert!(blocked.contains(&(host.address.to_string(), "32".into())), "{host}");
+    }
+}
+
+#[test]
+fn a_restore_gets_the_filter_reference_of_its_moment_and_snapshots_do_not_depend_on_it() {
+    let xml = "<domain><devices><interface><mac address='m'/><filterref filter='f'>\
+        <parameter name='IP' value='1'/></filterref></interface></devices></domain>";
+    let refreshed = with_filterref(xml, "<filterref filter='f'/>").unwrap();
     assert_eq!(
-        (parameter("GUEST_NET"), parameter("GUEST_MASK")),
-        (vec!["10.233.0.0".into()], vec!["24".into()])
+        refreshed,
+        "<domain><devices><interface><mac address='m'/><filterref filter='f'/></interface>\
+         </devices></domain>"
     );
-    assert_eq!(parameter("BLOCKED_NET"), ["10.0.0.0", "192.0.2.4"]);
-    assert_eq!(parameter("BLOCKED_MASK"), ["8", "32"]);
+    assert_eq!(
+        without_filterref(xml),
+        without_filterref(&refreshed.replace("'f'/>", "'f'></filterref>"))
+    );
+    assert_eq!(with_filterref("<domain/>", "x"), None);
+    assert_eq!(without_filterref("<domain/>"), "<domain/>");
 }
 
 /// A configuration of two pools on `warmpool` and one without a network, with fake guests.
@@ -258,7 +288,7 @@ async fn a_checked_network_reserves_every_slot_once_and_gives_pools_distinct_add
     let (a, b) = (prepared["a"].as_ref().unwrap(), prepared["b"].as_ref().unwrap());
     let ips: BTreeSet<Ipv4Addr> = a.slots.iter().chain(&b.slots).map(|slot| slot.ip).collect();
     assert_eq!(ips.len(), 4);
-    assert!(a.blocked.contains(&"10.0.0.0/8".parse().unwrap()));
+    assert!(a.blocked().contains(&"10.0.0.0/8".parse().unwrap()));
     let adds = || fake.calls().iter().filter(|c| c.starts_with("update_dhcp_host")).count();
     assert_eq!(adds(), 4);
     let xml = fake.network("warmpool").await.unwrap().unwrap().xml;
