@@ -441,8 +441,9 @@ fn mac_of(ip: Ipv4Addr) -> String {
     format!("{x:02x}:{y:02x}:{z:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
-/// Makes the network's DHCP server hand each slot its address: adds what is missing and
-/// removes reservations that would hand a slot's MAC, address or name to anything else.
+/// Makes the network's DHCP server hand each slot its address: adds what is missing, removes
+/// reservations that would hand a slot's MAC, address or name to anything else, and those of
+/// slots its pools no longer have.
 async fn reserve(
     hypervisor: &dyn Hypervisor,
     network: &str,
@@ -457,7 +458,9 @@ async fn reserve(
             name: Some(domain_name(pool, *index)),
         })
         .collect();
-    let (stale, missing) = reservation_changes(&shape.hosts, &wanted);
+    let pools: BTreeSet<&str> = addresses.keys().map(|(pool, _)| pool.as_str()).collect();
+    let pools: Vec<&str> = pools.into_iter().collect();
+    let (stale, missing) = reservation_changes(&shape.hosts, &wanted, &pools);
     for host in stale {
         hypervisor.update_dhcp_host(network, DhcpHostChange::Delete(host.xml())).await?;
     }
@@ -470,20 +473,30 @@ async fn reserve(
     Ok(())
 }
 
-/// The reservations to delete (they clash with a wanted one in MAC, address or name) and the
-/// wanted ones to add.
+/// The reservations to delete and the wanted ones to add. A reservation goes when it clashes
+/// with a wanted one in MAC, address or name, or when it names a slot beyond the end of one of
+/// `pools` (a pool that shrank). Reservations of other names are the operator's and stay.
 fn reservation_changes<'a>(
     present: &'a [DhcpHost],
     wanted: &'a [DhcpHost],
+    pools: &[&str],
 ) -> (Vec<&'a DhcpHost>, Vec<&'a DhcpHost>) {
     let clashes = |host: &DhcpHost, other: &DhcpHost| {
         host.mac == other.mac
             || (host.ip.is_some() && host.ip == other.ip)
             || (host.name.is_some() && host.name == other.name)
     };
+    let slot_of_ours = |host: &DhcpHost| {
+        let Some(name) = &host.name else { return false };
+        pools.iter().any(|pool| {
+            let index = name.strip_prefix(&format!("warmpool-{pool}-"));
+            index.is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
     let stale = present
         .iter()
-        .filter(|host| !wanted.contains(host) && wanted.iter().any(|w| clashes(host, w)))
+        .filter(|host| !wanted.contains(host))
+        .filter(|host| wanted.iter().any(|w| clashes(host, w)) || slot_of_ours(host))
         .collect();
     let missing = wanted.iter().filter(|host| !present.contains(host)).collect();
     (stale, missing)

@@ -120,12 +120,15 @@ fn reservations_add_what_is_missing_and_remove_only_what_clashes() {
     ];
     let present = vec![
         wanted[0].clone(),
-        // An older address of slot 1 under its name, and the operator's own reservation.
+        // An older address of slot 1 under its name, a slot pool `a` no longer has, another
+        // daemon's pool, and the operator's own reservation.
         host("52:54:00:e9:00:09", [10, 233, 0, 9], "warmpool-a-1"),
+        host("52:54:00:e9:00:0a", [10, 233, 0, 10], "warmpool-a-7"),
+        host("52:54:00:e9:00:0b", [10, 233, 0, 11], "warmpool-other-0"),
         host("52:54:00:aa:bb:cc", [10, 233, 0, 100], "printer"),
     ];
-    let (stale, missing) = reservation_changes(&present, &wanted);
-    assert_eq!(stale, vec![&present[1]]);
+    let (stale, missing) = reservation_changes(&present, &wanted, &["a"]);
+    assert_eq!(stale, vec![&present[1], &present[2]]);
     assert_eq!(missing, vec![&wanted[1]]);
     assert_eq!(
         wanted[1].xml(),
