@@ -19,8 +19,8 @@ use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::metrics::Metrics;
 use crate::network::{self, NetworkError};
 use crate::pool::{Pool, PoolStatus};
-use crate::provider::github::{self, GithubProvider};
-use crate::scheduler::Scheduler;
+use crate::provider::github::{self, AdoptedRunner, GithubProvider};
+use crate::scheduler::{Scheduler, Share};
 use crate::service::{self, Notifier, ShutdownInhibitor};
 use crate::slot::{Adoption, JobEvent, SlotState};
 use crate::store::{
@@ -72,15 +72,20 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     let control = start_recovering(&config, hypervisor, metrics.clone(), adoptions)
         .await?
         .with_store(store.clone(), local_tenant);
+    let mut runners = Vec::new();
     for (job, events) in adopted {
-        control.track_adopted(job.id, job.pool, job.tenant_id, events);
+        match job.github {
+            Some(runner) => runners.push((runner, events)),
+            None => control.track_adopted(job.id, job.pool, job.tenant_id, events),
+        }
     }
     let control = Arc::new(control);
     let scheduler = Scheduler::start(control.clone());
     let settings = github::Settings::from_config(&config.github);
     let pool_labels = control.pools().iter().map(|pool| pool.labels().to_vec()).collect();
+    let (store_, metrics_) = (store.clone(), metrics.clone());
     let provider =
-        GithubProvider::start(store.clone(), scheduler, metrics.clone(), settings, pool_labels);
+        GithubProvider::start_adopting(store_, scheduler, metrics_, settings, pool_labels, runners);
     control.set_github(provider);
     let listener = control::bind(&config.control_socket)?;
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");
@@ -272,12 +277,15 @@ pub struct InFlight {
     pub pool: String,
     pub slot_index: usize,
     pub time_left: Duration,
+    /// For a GitHub job, the runner the provider follows it by.
+    pub github: Option<AdoptedRunner>,
 }
 
-/// Sorts the jobs an earlier run left unfinished. A local job that its guest had started, on a
-/// slot the configuration still has, with time left, may be adopted; every other one is
-/// recorded as failed, with the reason: a job not yet started was only ever in this daemon's
-/// memory, and a GitHub runner's registration is deleted by the reconciler.
+/// Sorts the jobs an earlier run left unfinished. A job that its guest had started, on a slot
+/// the configuration still has, with time left, may be adopted: a local one, or a GitHub one
+/// whose record names its runner, which the provider then follows and deletes at the end.
+/// Every other one is recorded as failed, with the reason: a job not yet started was only
+/// ever in this daemon's memory, and the reconciler deletes a runner that no job owns.
 pub fn sort_unfinished_jobs(
     store: &Store,
     config: &Config,
@@ -323,10 +331,24 @@ fn in_flight(
     let (Some(slot_index), Some(started_at_ms)) = (job.slot_index, job.started_at_ms) else {
         return Err("The daemon stopped before the job started");
     };
-    let local = store.get_tenant(&job.tenant_id).is_ok_and(|t| t.kind == TenantKind::Local);
-    if job.state != JobState::Started || !local {
+    if job.state != JobState::Started {
         return Err("The daemon stopped while the job ran");
     }
+    let github = match store.get_tenant(&job.tenant_id) {
+        Ok(tenant) if tenant.kind == TenantKind::Local => None,
+        Ok(tenant) if tenant.kind == TenantKind::Github => {
+            let share =
+                Share { weight: tenant.weight, max_concurrent_jobs: tenant.max_concurrent_jobs };
+            let detail = job.detail.clone().unwrap_or_default();
+            let runner = AdoptedRunner::from_detail(&job.id, &tenant.id, share, &detail);
+            Some(
+                runner.ok_or(
+                    "The daemon stopped while the job ran, and its record names no runner",
+                )?,
+            )
+        }
+        _ => return Err("The daemon stopped while the job ran"),
+    };
     let Some(pool) = config.pools.iter().find(|pool| pool.name == job.pool) else {
         return Err("The daemon restarted without the job's pool");
     };
@@ -343,6 +365,7 @@ fn in_flight(
         pool: job.pool.clone(),
         slot_index: slot_index as usize,
         time_left,
+        github,
     })
 }
 
@@ -613,6 +636,7 @@ mod tests {
             ("running", &tenant, Some(1)),
             ("beyond-slots", &tenant, Some(2)),
             ("runner", &github, Some(0)),
+            ("named-runner", &github, Some(0)),
             ("done", &tenant, Some(0)),
         ];
         for (id, tenant, slot) in jobs {
@@ -627,17 +651,30 @@ mod tests {
         store
             .transition_job(&Actor::Daemon, "done", JobTransition::Finish { exit_code: 0 })
             .unwrap();
+        let detail = serde_json::json!({
+            "github_job_id": 7, "run_id": 3, "repository": "acme/app",
+            "runner_name": "warmpool-h-p-0-7", "status": "in_progress",
+        });
+        store.set_job_detail(&Actor::Daemon, "named-runner", detail).unwrap();
         let started = store.get_job("running").unwrap().started_at_ms.unwrap();
 
         let adoptable = sort_unfinished_jobs(&store, &config, started + 40_000).unwrap();
-        assert_eq!(adoptable.len(), 1, "{adoptable:?}");
-        assert_eq!((adoptable[0].id.as_str(), adoptable[0].slot_index), ("running", 1));
-        assert_eq!(adoptable[0].time_left, Duration::from_secs(60));
+        let mut ids: Vec<&str> = adoptable.iter().map(|job| job.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["named-runner", "running"], "{adoptable:?}");
+        let job = |id: &str| adoptable.iter().find(|job| job.id == id).unwrap();
+        assert_eq!(job("running").slot_index, 1);
+        assert_eq!(job("running").time_left, Duration::from_secs(60));
+        assert_eq!(job("running").github, None);
+        let runner = job("named-runner").github.as_ref().expect("a GitHub job's runner");
+        assert_eq!((runner.runner_name.as_str(), runner.job_id), ("warmpool-h-p-0-7", 7));
+        assert_eq!((runner.owner.as_str(), runner.repo.as_str()), ("acme", "app"));
+        assert_eq!((runner.status.as_str(), runner.share.max_concurrent_jobs), ("in_progress", 4));
         assert_eq!(store.get_job("running").unwrap().state, JobState::Started);
         for (id, reason) in [
             ("queued", "The daemon stopped before the job started"),
             ("beyond-slots", "The daemon restarted without the job's slot"),
-            ("runner", "The daemon stopped while the job ran"),
+            ("runner", "The daemon stopped while the job ran, and its record names no runner"),
         ] {
             let job = store.get_job(id).unwrap();
             assert_eq!(job.state, JobState::Failed, "{id}");
@@ -646,7 +683,7 @@ mod tests {
         assert_eq!(store.get_job("done").unwrap().state, JobState::Finished);
 
         // Past its maximum, the job that ran is failed too.
-        let adoptable = sort_unfinished_jobs(&store, &config, started + 100_001).unwrap();
+        let adoptable = sort_unfinished_jobs(&store, &config, started + 200_000).unwrap();
         assert!(adoptable.is_empty());
         let failure = store.get_job("running").unwrap().failure.unwrap();
         assert!(failure.contains("outlived its maximum"), "{failure}");

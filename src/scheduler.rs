@@ -156,6 +156,13 @@ impl Schedule {
         queue.waiting.remove(index).map(|(_, demand)| demand)
     }
 
+    /// Counts a job of `tenant` as running that no [`Schedule::next`] picked: one an earlier
+    /// run of the daemon started, taken back by its slot.
+    pub fn adopt(&mut self, tenant: &str, share: Share) {
+        self.set_share(tenant, share);
+        self.tenant(tenant).running += 1;
+    }
+
     /// A job of `tenant` that [`Schedule::next`] picked has ended.
     pub fn finished(&mut self, tenant: &str) {
         if let Some(queue) = self.tenants.get_mut(tenant) {
@@ -204,6 +211,7 @@ impl Drop for Running {
 
 enum Request {
     Enqueue { demand: Demand, share: Share, to: mpsc::UnboundedSender<Assignment> },
+    Adopt { tenant: String, share: Share },
     Withdraw(String),
     Finished(String),
     Waiting(tokio::sync::oneshot::Sender<usize>),
@@ -237,6 +245,12 @@ impl Scheduler {
 
     pub fn withdraw(&self, key: &str) {
         let _ = self.requests.send(Request::Withdraw(key.to_owned()));
+    }
+
+    /// Counts an adopted job of `tenant` as running until the returned guard drops.
+    pub fn adopt(&self, tenant: &str, share: Share) -> Running {
+        let _ = self.requests.send(Request::Adopt { tenant: tenant.to_owned(), share });
+        Running { tenant: tenant.to_owned(), requests: self.requests.clone() }
     }
 
     /// How much demand waits, across all tenants.
@@ -294,6 +308,7 @@ impl SchedulerTask {
                     self.providers.remove(&key);
                 }
             }
+            Request::Adopt { tenant, share } => self.schedule.adopt(&tenant, share),
             Request::Finished(tenant) => self.schedule.finished(&tenant),
             Request::Waiting(reply) => {
                 let _ = reply.send(self.providers.len());

@@ -94,6 +94,26 @@ impl Harness {
         job["state"].as_str().map(str::to_owned)
     }
 
+    /// Waits until a GitHub job's guest has started its runner; returns the job's id.
+    async fn started_github_job(&self, token: &str) -> String {
+        let began = Instant::now();
+        while began.elapsed() < support::SETTLE_TIMEOUT {
+            let listed = support::http(self.port, "GET", "/v1/jobs", Some(token), None).await;
+            let page: serde_json::Value =
+                listed.and_then(|(_, body)| serde_json::from_str(&body).ok()).unwrap_or_default();
+            let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
+            let started = jobs.iter().find(|job| {
+                job["state"] == "started"
+                    && job["id"].as_str().is_some_and(|id| id.starts_with("github-"))
+            });
+            if let Some(job) = started {
+                return job["id"].as_str().unwrap().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no GitHub job started");
+    }
+
     async fn wait_job(&self, token: &str, id: &str, states: &[&str]) {
         let began = Instant::now();
         while began.elapsed() < support::SETTLE_TIMEOUT {
@@ -115,6 +135,10 @@ impl Harness {
         }
     }
 }
+
+/// How long the stand-in runner of the adopted GitHub job holds on to it: long enough for the
+/// kill and the next daemon's start.
+const GITHUB_HOLD_SECS: u64 = 20;
 
 #[tokio::test]
 async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
@@ -194,14 +218,7 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
     let secret = b"recovery webhook secret";
     github.run_jobs_on_runners(Some((&target, secret)), Duration::ZERO);
     add_github_tenant(h.port, &token, &github.url(), std::str::from_utf8(secret).unwrap()).await;
-    let job = github.queue_job("acme", "app", &["self-hosted"]);
-    let body = github.workflow_job_event("queued", &job, None).to_string();
-    let delivery = format!("queued-{}", job.id);
-    let (status, answer) =
-        FakeGithub::deliver(&target, secret, "workflow_job", &delivery, body.as_bytes())
-            .await
-            .unwrap();
-    assert_eq!(status, 200, "{answer}");
+    queue_github_job(&github, &target, secret).await;
     let began = Instant::now();
     while github.jit_requests().is_empty() {
         assert!(began.elapsed() < support::SETTLE_TIMEOUT, "no runner registered");
@@ -209,6 +226,19 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
     }
     let acme = Scope::Organization("acme".into());
     let registered_at_kill = github.runners(&acme).len();
+    h.kill(daemon);
+    let mut daemon = h.start_daemon();
+
+    // A GitHub job whose runner runs: the kill comes while the guest holds on to the job; the
+    // next daemon adopts it, follows it to its end and deletes its runner.
+    h.wait_healthy(&mut daemon).await;
+    github.hold_stand_in_runners(GITHUB_HOLD_SECS);
+    // GitHub completes the job a little before the runner exits, as it does in truth; it does
+    // not delete a runner that is busy with a job.
+    let job_secs = GITHUB_HOLD_SECS - 5;
+    github.run_jobs_on_runners(Some((&target, secret)), Duration::from_secs(job_secs));
+    queue_github_job(&github, &target, secret).await;
+    let adopted_github_job = h.started_github_job(&token).await;
     h.kill(daemon);
     let mut daemon = h.start_daemon();
 
@@ -277,10 +307,25 @@ async fn a_daemon_killed_at_any_moment_recovers_every_slot_and_job() {
         ROUNDS.len()
     );
     assert!(adoptions > 0, "no running job was adopted:\n{}", h.logs);
+    assert!(h.logs.contains("Runner job adopted"), "the GitHub job was not adopted:\n{}", h.logs);
+    let adopted = store.get_job(&adopted_github_job).unwrap();
+    assert_eq!((adopted.state, adopted.exit_code), (JobState::Finished, Some(0)), "{adopted:?}");
     let _ = std::fs::remove_dir_all(&h.pool.state_dir);
 }
 
 /// Registers the GitHub organisation `acme` with a token at the fake server.
+/// Queues a job of acme/app on the fake GitHub and delivers its signed `queued` webhook.
+async fn queue_github_job(github: &FakeGithub, target: &str, secret: &[u8]) {
+    let job = github.queue_job("acme", "app", &["self-hosted"]);
+    let body = github.workflow_job_event("queued", &job, None).to_string();
+    let delivery = format!("queued-{}", job.id);
+    let (status, answer) =
+        FakeGithub::deliver(target, secret, "workflow_job", &delivery, body.as_bytes())
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{answer}");
+}
+
 async fn add_github_tenant(port: u16, token: &str, url: &str, webhook_secret: &str) {
     let body = serde_json::json!({
         "name": "acme",

@@ -322,6 +322,10 @@ struct State {
     next_job_id: u64,
     /// Set by [`FakeGithub::run_jobs_on_runners`].
     lifecycle: Option<Lifecycle>,
+    /// Seconds that the reference guest's stand-in runner holds on to a job before it exits,
+    /// written into each JIT configuration (`warmpoolStandInHoldSecs`, which the real runner
+    /// does not read); none when zero.
+    stand_in_hold_secs: u64,
     /// Jobs handed to runners since the last answer, whose webhooks are still to be sent.
     assigned: Vec<u64>,
 }
@@ -440,6 +444,12 @@ impl FakeGithub {
     pub fn run_jobs_on_runners(&self, webhook: Option<(&str, &[u8])>, job_duration: Duration) {
         let webhook = webhook.map(|(url, secret)| (url.to_owned(), secret.to_vec()));
         self.state().lifecycle = Some(Lifecycle { webhook, job_duration });
+    }
+
+    /// Makes the stand-in runners of the JIT configurations handed out from now on hold on to
+    /// their job for `secs` before they exit, so that a test can catch a runner job running.
+    pub fn hold_stand_in_runners(&self, secs: u64) {
+        self.state().stand_in_hold_secs = secs;
     }
 
     /// Makes the next `times` calls of `endpoint` answer with `failure`.
@@ -786,6 +796,7 @@ impl State {
             next_run_id: FIRST_RUN_ID,
             next_job_id: FIRST_JOB_ID,
             lifecycle: None,
+            stand_in_hold_secs: 0,
             assigned: Vec::new(),
         }
     }
@@ -910,7 +921,8 @@ impl State {
 
         let work_folder = request.work_folder.clone();
         let runner = self.register(scope, request);
-        let encoded = jit_config(&self.url, scope, &runner, &group_name, &work_folder);
+        let hold = self.stand_in_hold_secs;
+        let encoded = jit_config(&self.url, scope, &runner, &group_name, &work_folder, hold);
         let runner = self.runner_json(&runner);
         Reply::json(201, json!({ "runner": runner, "encoded_jit_config": encoded }))
     }
@@ -1156,8 +1168,15 @@ impl JitBody {
 
 /// The encoded JIT configuration: the base64 of a JSON object that maps the runner's
 /// configuration files to their base64 contents, as `run.sh --jitconfig` reads it.
-fn jit_config(url: &str, scope: &Scope, runner: &Runner, group: &str, work_folder: &str) -> String {
-    let settings = json!({
+fn jit_config(
+    url: &str,
+    scope: &Scope,
+    runner: &Runner,
+    group: &str,
+    work_folder: &str,
+    hold_secs: u64,
+) -> String {
+    let mut settings = json!({
         "agentId": runner.id,
         "agentName": runner.name,
         "poolId": runner.runner_group_id,
@@ -1168,6 +1187,9 @@ fn jit_config(url: &str, scope: &Scope, runner: &Runner, group: &str, work_folde
         "ephemeral": true,
         "disableUpdate": true,
     });
+    if hold_secs > 0 {
+        settings["warmpoolStandInHoldSecs"] = json!(hold_secs);
+    }
     let client_id = uuid::Uuid::new_v4();
     let credentials = json!({
         "scheme": "OAuth",

@@ -9,6 +9,15 @@ use tracing::{debug, info, warn};
 
 use super::*;
 
+/// Where following a job starts: nothing yet for a launch; for an adopted job, what the
+/// earlier run knew.
+#[derive(Debug, Default)]
+struct Following {
+    took: Option<u64>,
+    idle_deadline: Option<Instant>,
+    grace_deadline: Option<Instant>,
+}
+
 /// How a launch's job ended, for the record and for its demand.
 struct Ending {
     /// `Ok(exit code)` when the guest said `finished`; otherwise why it ended.
@@ -47,7 +56,7 @@ impl GithubProvider {
         let (events, events_rx) = mpsc::channel(JOB_EVENTS);
         let run = Run::GithubRunner { jit_config: runner.encoded_jit_config };
         reservation.submit(Job::new(record.clone(), run, events));
-        let ending = self.follow(&job, &record, events_rx, notes_rx).await;
+        let ending = self.follow(&job, &record, events_rx, notes_rx, Following::default()).await;
 
         if let Err(e) = client.delete_runner(runner.runner.id).await {
             // The reconciler removes it later: it matches this host's prefix and no live runner.
@@ -69,6 +78,88 @@ impl GithubProvider {
         };
         self.settle(&demand.key, &runner_name, &ending, still_queued);
         drop(running);
+    }
+
+    /// Makes an adopted runner the provider's own again: its GitHub job is launched on it, and
+    /// webhooks about it reach the returned channel.
+    pub(super) fn take_back(&self, runner: &AdoptedRunner) -> mpsc::UnboundedReceiver<Note> {
+        let (notes, notes_rx) = mpsc::unbounded_channel();
+        let key = demand_key(&runner.tenant, runner.job_id);
+        let now = std::time::Instant::now();
+        let job = GithubJob {
+            tenant: runner.tenant.clone(),
+            job_id: runner.job_id,
+            run_id: runner.run_id,
+            owner: runner.owner.clone(),
+            repo: runner.repo.clone(),
+            // Unknown after a restart: a job that must wait again waits for the reconciler,
+            // which brings its labels, rather than for a quick retry without them.
+            labels: Vec::new(),
+            share: runner.share,
+            phase: Phase::Launched { runner: runner.runner_name.clone() },
+            queued_at: now,
+            changed_at: now,
+            quick_retries: MAX_QUICK_RETRIES,
+        };
+        let mut state = self.state.lock().expect("provider state");
+        state.jobs.insert(key.clone(), job);
+        state.runners.insert(runner.runner_name.clone(), LiveRunner { key, notes });
+        notes_rx
+    }
+
+    /// Follows an adopted runner job to its end, then deletes the runner, as its launch would
+    /// have. The job's timeouts start again from now: the runner idle timeout if GitHub had
+    /// not said the runner took its job, the completed grace if it had said the job completed.
+    pub(super) async fn resume(
+        self: Arc<Self>,
+        runner: AdoptedRunner,
+        events: mpsc::Receiver<JobEvent>,
+        notes: mpsc::UnboundedReceiver<Note>,
+        running: crate::scheduler::Running,
+    ) {
+        let key = demand_key(&runner.tenant, runner.job_id);
+        let Some(job) = self.job(&key) else { return };
+        info!(runner = %runner.runner_name, job = runner.job_id, status = %runner.status, "Runner job adopted");
+        let now = Instant::now();
+        let from = Following {
+            took: (runner.status != "queued").then_some(runner.job_id),
+            idle_deadline: (runner.status == "queued")
+                .then(|| now + self.settings.runner_idle_timeout),
+            grace_deadline: (runner.status == "completed")
+                .then(|| now + self.settings.completed_grace),
+        };
+        let ending = self.follow(&job, &runner.record, events, notes, from).await;
+        self.delete_runner_named(&runner.tenant, &runner.runner_name).await;
+        // A runner that took nothing leaves its job to the reconciler, which knows its labels.
+        let still_queued = ending.took.map(|_| false);
+        self.settle(&key, &runner.runner_name, &ending, still_queued);
+        drop(running);
+    }
+
+    /// Deletes the runner of this name; one GitHub has no more is fine, and one that cannot be
+    /// deleted now is left to the reconciler.
+    async fn delete_runner_named(&self, tenant_id: &str, name: &str) {
+        let store = self.store.clone();
+        let id = tenant_id.to_owned();
+        let deleted = async {
+            let tenant = store
+                .call(move |store| store.get_tenant(&id))
+                .await
+                .map_err(|e| GithubError::Credentials(e.to_string()))?;
+            let client = self.client(&tenant).await?;
+            let found = client.list_runners().await?.into_iter().find(|r| r.name == name);
+            match found {
+                Some(runner) => client.delete_runner(runner.id).await.map(|()| true),
+                None => Ok(false),
+            }
+        };
+        match deleted.await {
+            Ok(true) => info!(runner = %name, "Runner deleted"),
+            Ok(false) => info!(runner = %name, "Runner gone already"),
+            Err(e) => {
+                warn!(runner = %name, error = %e, "Runner not deleted; left to the reconciler")
+            }
+        }
     }
 
     fn job(&self, key: &str) -> Option<GithubJob> {
@@ -157,11 +248,12 @@ impl GithubProvider {
         record: &str,
         mut events: mpsc::Receiver<JobEvent>,
         mut notes: mpsc::UnboundedReceiver<Note>,
+        from: Following,
     ) -> Ending {
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        let mut idle_deadline = far;
-        let mut grace_deadline = far;
-        let mut took = None;
+        let mut idle_deadline = from.idle_deadline.unwrap_or(far);
+        let mut grace_deadline = from.grace_deadline.unwrap_or(far);
+        let mut took = from.took;
         let result = loop {
             tokio::select! {
                 event = events.recv() => match event {

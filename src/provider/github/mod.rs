@@ -155,6 +155,49 @@ struct GithubJob {
     quick_retries: u32,
 }
 
+/// A runner job that an earlier run of the daemon left running in a guest, and that the guest's
+/// slot took back: what the job's record says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptedRunner {
+    /// The job's record in the store.
+    pub record: String,
+    pub tenant: String,
+    pub share: Share,
+    pub runner_name: String,
+    /// The GitHub job the runner was registered for, or took since.
+    pub job_id: u64,
+    pub run_id: u64,
+    pub owner: String,
+    pub repo: String,
+    /// What GitHub last said of the job: `queued` (the runner had taken nothing yet),
+    /// `in_progress` or `completed`.
+    pub status: String,
+}
+
+impl AdoptedRunner {
+    /// Reads a record's detail as the launch wrote it; `None` when it lacks what following
+    /// the runner needs.
+    pub fn from_detail(
+        record: &str,
+        tenant: &str,
+        share: Share,
+        detail: &serde_json::Value,
+    ) -> Option<AdoptedRunner> {
+        let (owner, repo) = detail["repository"].as_str()?.split_once('/')?;
+        Some(AdoptedRunner {
+            record: record.to_owned(),
+            tenant: tenant.to_owned(),
+            share,
+            runner_name: detail["runner_name"].as_str()?.to_owned(),
+            job_id: detail["github_job_id"].as_u64()?,
+            run_id: detail["run_id"].as_u64()?,
+            owner: owner.to_owned(),
+            repo: repo.to_owned(),
+            status: detail["status"].as_str().unwrap_or("queued").to_owned(),
+        })
+    }
+}
+
 /// What a launch hears of its runner's job from webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Note {
@@ -216,6 +259,20 @@ impl GithubProvider {
         settings: Settings,
         pool_labels: Vec<Vec<String>>,
     ) -> Arc<GithubProvider> {
+        GithubProvider::start_adopting(store, scheduler, metrics, settings, pool_labels, Vec::new())
+    }
+
+    /// As [`GithubProvider::start`], following to their ends the runner jobs that slots took
+    /// back from an earlier run, each with the events of its slot. Their runners are the
+    /// provider's before the reconciler first looks, so it never takes them for leaks.
+    pub fn start_adopting(
+        store: Arc<Store>,
+        scheduler: Scheduler,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        pool_labels: Vec<Vec<String>>,
+        adopted: Vec<(AdoptedRunner, mpsc::Receiver<JobEvent>)>,
+    ) -> Arc<GithubProvider> {
         let (assignments, assignments_rx) = mpsc::unbounded_channel();
         let provider = Arc::new(GithubProvider {
             store,
@@ -227,6 +284,12 @@ impl GithubProvider {
             assignments,
             clients: tokio::sync::Mutex::default(),
         });
+        for (runner, events) in adopted {
+            let notes = provider.take_back(&runner);
+            let running = provider.scheduler.adopt(&runner.tenant, runner.share);
+            let span = tracing::info_span!("adopted", runner = %runner.runner_name);
+            tokio::spawn(provider.clone().resume(runner, events, notes, running).instrument(span));
+        }
         tokio::spawn(provider.clone().take_assignments(assignments_rx));
         tokio::spawn(provider.clone().reconcile_periodically());
         provider

@@ -611,3 +611,51 @@ async fn a_runner_past_max_job_secs_is_stopped_and_deleted() {
     assert_eq!(job.conclusion.as_deref(), Some("failure"));
     fixture.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_adopted_runner_job_is_followed_to_its_end_and_only_then_its_runner_deleted() {
+    let f = Fixture::new(1, "exit 0", settings()).await;
+    let acme = Scope::Organization("acme".into());
+    let job = f.github.queue_job("acme", "app", &["self-hosted", "linux"]);
+    let name = format!("warmpool-testhost-test-0-{}", job.id);
+    let client = f.provider.client(&f.tenant).await.unwrap();
+    client.generate_jit_config(&name, 1, &["linux".to_owned()]).await.unwrap();
+
+    // The record as an earlier run's launch left it: started, the runner on its job.
+    let record = "github-adopted";
+    let new = NewJob { id: record.into(), tenant_id: f.tenant.id.clone(), pool: "test".into() };
+    f.store.record_job(&Actor::Daemon, new).unwrap();
+    let detail = json!({
+        "github_job_id": job.id, "run_id": job.run_id, "repository": "acme/app",
+        "runner_name": name, "status": "in_progress",
+    });
+    f.store.set_job_detail(&Actor::Daemon, record, detail.clone()).unwrap();
+    for transition in [JobTransition::Assign { slot_index: 0 }, JobTransition::Start] {
+        f.store.transition_job(&Actor::Daemon, record, transition).unwrap();
+    }
+    let share = Share { weight: 1, max_concurrent_jobs: 4 };
+    let runner = AdoptedRunner::from_detail(record, &f.tenant.id, share, &detail).unwrap();
+
+    let (events, events_rx) = mpsc::channel(8);
+    let provider = GithubProvider::start_adopting(
+        f.store.clone(),
+        Scheduler::start(f.control.clone()),
+        Arc::new(Metrics::default()),
+        settings(),
+        vec![vec!["linux".to_owned()]],
+        vec![(runner, events_rx)],
+    );
+    // The reconciler, which deletes this host's runners that nothing owns, leaves it alone.
+    assert_eq!(provider.reconcile().await.runners_deleted, 0);
+    assert_eq!(f.github.runners(&acme).len(), 1);
+    assert_eq!(f.store.get_job(record).unwrap().state, JobState::Started);
+
+    // The slot reports the guest's `finished`: the record finishes, the runner goes.
+    events.send(JobEvent::Finished { exit_code: 0 }).await.unwrap();
+    drop(events);
+    f.until("the adopted runner's deletion", |github| github.runners(&acme).is_empty()).await;
+    let record = f.store.get_job(record).unwrap();
+    assert_eq!((record.state, record.exit_code), (JobState::Finished, Some(0)));
+    provider.shutdown(Duration::from_secs(5)).await;
+    f.shutdown().await;
+}
