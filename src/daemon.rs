@@ -83,9 +83,14 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     let scheduler = Scheduler::start(control.clone());
     let settings = github::Settings::from_config(&config.github);
     let pool_labels = control.pools().iter().map(|pool| pool.labels().to_vec()).collect();
-    let (store_, metrics_) = (store.clone(), metrics.clone());
-    let provider =
-        GithubProvider::start_adopting(store_, scheduler, metrics_, settings, pool_labels, runners);
+    let provider = GithubProvider::start_adopting(
+        store.clone(),
+        scheduler,
+        metrics.clone(),
+        settings,
+        pool_labels,
+        runners,
+    );
     control.set_github(provider);
     let listener = control::bind(&config.control_socket)?;
     info!(socket = %config.control_socket.display(), uri = %config.libvirt_uri, "Daemon serving");

@@ -259,12 +259,7 @@ async fn prepare_network(
         .iter()
         .flat_map(|pool| (0..pool.slots as usize).map(|index| (pool.name.clone(), index)))
         .collect();
-    let addresses = allocate(&shape, &names).map_err(|e| match e {
-        NetworkError::Full { room, slots, .. } => {
-            NetworkError::Full { network: network.to_owned(), room, slots }
-        }
-        other => other,
-    })?;
+    let addresses = allocate(&shape, &names)?;
     reserve(hypervisor, network, &shape, &addresses).await?;
 
     let mut networks = BTreeMap::new();
@@ -300,6 +295,7 @@ fn host_ranges(host_addresses: &[Ipv4Addr], subnet: Ipv4Net) -> Vec<Ipv4Net> {
 /// What the daemon needs to know of a libvirt network, checked for what isolation needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NetworkShape {
+    network: String,
     gateway: Ipv4Addr,
     subnet: Ipv4Net,
     /// The DHCP server's reservations.
@@ -390,7 +386,8 @@ fn parse_network(network: &str, xml: &str) -> Result<NetworkShape, NetworkError>
             })
         })
         .collect();
-    Ok(NetworkShape { gateway, subnet: Ipv4Net::new(gateway, prefix), hosts })
+    let subnet = Ipv4Net::new(gateway, prefix);
+    Ok(NetworkShape { network: network.to_owned(), gateway, subnet, hosts })
 }
 
 fn prefix_of_mask(mask: Ipv4Addr) -> Option<u8> {
@@ -410,7 +407,7 @@ fn allocate(
     let hosts: Vec<Ipv4Addr> = shape.subnet.hosts().filter(|ip| *ip != shape.gateway).collect();
     if slots.len() > hosts.len() {
         return Err(NetworkError::Full {
-            network: shape.subnet.to_string(),
+            network: shape.network.clone(),
             room: hosts.len(),
             slots: slots.len(),
         });
