@@ -130,10 +130,8 @@ async fn bench_dir(options: &BenchOptions) -> Result<PathBuf, BenchError> {
 }
 
 async fn run_in(options: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
-    let config_path = dir.join("bench.toml");
     let text = rewrite_config(&options.config_text, dir, options.slots)?;
-    tokio::fs::write(&config_path, &text).await?;
-    let config = Config::parse(&text, &config_path)?;
+    let (config_path, config) = write_config(dir, &text).await?;
     let pool = config.pools[0].clone();
 
     let cold_boot_ms = cold_boots(&config, options.cold_boots).await?;
@@ -161,6 +159,14 @@ async fn run_in(options: &BenchOptions, dir: &Path) -> Result<BenchReport, Bench
         jobs_failed: stats.jobs_failed,
         daemon_max_rss_kib: rss,
     })
+}
+
+/// Writes a benchmark's configuration into `dir` and reads it back, as its daemon will.
+async fn write_config(dir: &Path, text: &str) -> Result<(PathBuf, Config), BenchError> {
+    let path = dir.join("bench.toml");
+    tokio::fs::write(&path, text).await?;
+    let config = Config::parse(text, &path)?;
+    Ok((path, config))
 }
 
 /// Renames the pools `bench-…`, keeps only the first, and moves state and socket into `dir`.

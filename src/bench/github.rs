@@ -15,8 +15,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    settled, tail, wait_for, BenchError, BenchOptions, Daemon, Percentiles, BUILD_TIMEOUT,
-    READY_TIMEOUT,
+    settled, tail, wait_for, write_config, BenchError, BenchOptions, Daemon, Percentiles,
+    BUILD_TIMEOUT, READY_TIMEOUT,
 };
 use crate::client::ApiClient;
 use crate::config::Config;
@@ -48,10 +48,8 @@ pub async fn run(options: &BenchOptions, dir: &Path) -> Result<GithubBenchReport
     let github = FakeGithub::start().await?;
     github.add_token(TOKEN);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config_path = dir.join("bench.toml");
     let text = github_config(&options.config_text, dir, options.slots, port)?;
-    tokio::fs::write(&config_path, &text).await?;
-    let config = Config::parse(&text, &config_path)?;
+    let (config_path, config) = write_config(dir, &text).await?;
 
     let log_path = dir.join("daemon.log");
     let mut daemon = Daemon::start(&config_path, &log_path)?;

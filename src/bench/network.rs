@@ -38,10 +38,8 @@ pub async fn run(
     network: &str,
     dir: &Path,
 ) -> Result<NetworkBenchReport, BenchError> {
-    let config_path = dir.join("bench.toml");
     let text = rewrite_config(&options.config_text, dir, options.slots, network)?;
-    tokio::fs::write(&config_path, &text).await?;
-    let config = Config::parse(&text, &config_path)?;
+    let (config_path, config) = super::write_config(dir, &text).await?;
     let log_path = dir.join("daemon.log");
     let mut daemon = Daemon::start(&config_path, &log_path)?;
     let measured = measure(&config, &mut daemon, options.jobs).await;

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::net::UnixDatagram;
 
-use super::{rewrite_config, tail, BenchError, BenchOptions, Daemon, Percentiles, BUILD_TIMEOUT};
-use crate::config::Config;
+use super::{
+    rewrite_config, tail, write_config, BenchError, BenchOptions, Daemon, Percentiles,
+    BUILD_TIMEOUT,
+};
 use crate::pool;
 
 /// Warm starts measured after the one cold start.
@@ -31,10 +33,8 @@ pub struct ServiceBenchReport {
 }
 
 pub async fn run(options: &BenchOptions, dir: &Path) -> Result<ServiceBenchReport, BenchError> {
-    let config_path = dir.join("bench.toml");
     let text = rewrite_config(&options.config_text, dir, options.slots)?;
-    tokio::fs::write(&config_path, &text).await?;
-    let config = Config::parse(&text, &config_path)?;
+    let (config_path, config) = write_config(dir, &text).await?;
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     let log_path = dir.join("daemon.log");
