@@ -139,23 +139,13 @@ impl GithubProvider {
     /// Deletes the runner of this name; one GitHub has no more is fine, and one that cannot be
     /// deleted now is left to the reconciler.
     async fn delete_runner_named(&self, tenant_id: &str, name: &str) {
-        let store = self.store.clone();
-        let id = tenant_id.to_owned();
         let deleted = async {
-            let tenant = store
-                .call(move |store| store.get_tenant(&id))
-                .await
-                .map_err(|e| GithubError::Credentials(e.to_string()))?;
-            let client = self.client(&tenant).await?;
-            let found = client.list_runners().await?.into_iter().find(|r| r.name == name);
-            match found {
-                Some(runner) => client.delete_runner(runner.id).await.map(|()| true),
-                None => Ok(false),
-            }
+            let client = self.client(&self.tenant(tenant_id).await?).await?;
+            delete_named(&client, name).await
         };
         match deleted.await {
-            Ok(true) => info!(runner = %name, "Runner deleted"),
-            Ok(false) => info!(runner = %name, "Runner gone already"),
+            Ok(Some(_)) => info!(runner = %name, "Runner deleted"),
+            Ok(None) => info!(runner = %name, "Runner gone already"),
             Err(e) => {
                 warn!(runner = %name, error = %e, "Runner not deleted; left to the reconciler")
             }
@@ -208,6 +198,15 @@ impl GithubProvider {
         Ok(id)
     }
 
+    /// The tenant's record, read when a runner is registered or deleted, so that changed
+    /// settings and credentials apply.
+    async fn tenant(&self, id: &str) -> Result<Tenant, GithubError> {
+        let id = id.to_owned();
+        let store = self.store.clone();
+        let tenant = store.call(move |store| store.get_tenant(&id)).await;
+        tenant.map_err(|e| GithubError::Credentials(e.to_string()))
+    }
+
     /// Registers the runner. A registration of the same name left by an earlier attempt
     /// (GitHub answers 409) is deleted and the registration tried once more.
     async fn register(
@@ -216,12 +215,7 @@ impl GithubProvider {
         name: &str,
         labels: &[String],
     ) -> Result<(Arc<GithubClient>, client::JitRunner), GithubError> {
-        let store = self.store.clone();
-        let tenant_id = job.tenant.clone();
-        let tenant = store
-            .call(move |store| store.get_tenant(&tenant_id))
-            .await
-            .map_err(|e| GithubError::Credentials(e.to_string()))?;
+        let tenant = self.tenant(&job.tenant).await?;
         let TenantSettings::Github(settings) = &tenant.settings else {
             return Err(GithubError::Credentials("the tenant is no GitHub tenant".into()));
         };
@@ -229,10 +223,8 @@ impl GithubProvider {
         let group = settings.runner_group_id;
         match client.generate_jit_config(name, group, labels).await {
             Err(GithubError::Conflict(_)) => {
-                let stale = client.list_runners().await?.into_iter().find(|r| r.name == name);
-                if let Some(stale) = stale {
-                    info!(runner = %name, runner_id = stale.id, "Deleting a stale runner of the same name");
-                    client.delete_runner(stale.id).await?;
+                if let Some(stale) = delete_named(&client, name).await? {
+                    info!(runner = %name, runner_id = stale, "Deleted a stale runner of the same name");
                 }
                 let runner = client.generate_jit_config(name, group, labels).await?;
                 Ok((client, runner))
@@ -390,4 +382,12 @@ impl GithubProvider {
             job.phase = Phase::Failed;
         }
     }
+}
+
+/// Deletes the runner named `name`, returning its id; `None` when GitHub has none of that name.
+async fn delete_named(client: &GithubClient, name: &str) -> Result<Option<u64>, GithubError> {
+    let found = client.list_runners().await?.into_iter().find(|runner| runner.name == name);
+    let Some(runner) = found else { return Ok(None) };
+    client.delete_runner(runner.id).await?;
+    Ok(Some(runner.id))
 }
