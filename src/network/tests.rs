@@ -274,6 +274,11 @@ fn config(dir: &Path) -> Config {
     Config::parse(&text, Path::new("test")).unwrap()
 }
 
+async fn start_daemon(fake: &FakeHypervisor, config: &Config) -> crate::control::Control {
+    let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
+    crate::daemon::start(config, hypervisor, Arc::new(Metrics::default())).await.unwrap()
+}
+
 fn define_good(fake: &FakeHypervisor) {
     fake.define_network("warmpool", &network_xml(), true);
     fake.define_filter(FILTER_NAME, FILTER_XML);
@@ -352,9 +357,7 @@ async fn the_daemon_serves_pools_on_a_good_network_and_refuses_the_others() {
     let config = config(dir.path());
     let fake = FakeHypervisor::new();
     fake.define_network("warmpool", &network_xml(), true);
-    let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
-    let control =
-        crate::daemon::start(&config, hypervisor, Arc::new(Metrics::default())).await.unwrap();
+    let control = start_daemon(&fake, &config).await;
 
     let statuses = control.status().await;
     for status in &statuses[..2] {
@@ -379,9 +382,7 @@ async fn a_filter_changed_while_the_daemon_runs_keeps_every_guest_from_starting_
     let config = config(dir.path());
     let fake = FakeHypervisor::new();
     define_good(&fake);
-    let hypervisor: Arc<dyn Hypervisor> = Arc::new(fake.clone());
-    let control =
-        crate::daemon::start(&config, hypervisor, Arc::new(Metrics::default())).await.unwrap();
+    let control = start_daemon(&fake, &config).await;
     let pool = &control.pools()[0];
     tokio::time::timeout(Duration::from_secs(10), pool.built()).await.unwrap();
 
